@@ -1,0 +1,47 @@
+"""Error hierarchy.
+
+Every error digilut raises derives from :class:`DigilutError` *and* the builtin it refines, so
+callers can catch either. Messages name the file, row and value and say what would be valid.
+"""
+
+from __future__ import annotations
+
+
+class DigilutError(Exception):
+    """Base class of every error raised by digilut."""
+
+
+class ConfigError(DigilutError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class AnnotationError(DigilutError, ValueError):
+    """An annotation CSV cannot be used at all (missing columns, unreadable, empty)."""
+
+
+class UnsafePathError(DigilutError, ValueError):
+    """A file name from an input would escape its data folder (``../``, absolute, control chars)."""
+
+
+class SlideNotFoundError(DigilutError, FileNotFoundError):
+    """A slide named by an input is not on disk / in the bucket."""
+
+
+class SlideReadError(DigilutError, OSError):
+    """A slide exists but cannot be read (corrupt, truncated, not a TIFF, unreadable tiles)."""
+
+
+class SlideMetadataError(DigilutError, ValueError):
+    """A slide's metadata is missing or implausible (no mpp, mpp out of range, no pyramid)."""
+
+
+class TissueNotFoundError(DigilutError, ValueError):
+    """A slide has no tissue above the threshold: nothing to extract."""
+
+
+class ShardError(DigilutError, OSError):
+    """A patch shard is missing, truncated or does not match its index."""
+
+
+class StorageError(DigilutError, OSError):
+    """An object store (S3) operation failed; the message names endpoint, bucket and key."""
