@@ -1,0 +1,28 @@
+"""Run the benchmarks: ``python -m bench`` runs every part, ``python -m bench extract boxes`` some.
+
+Each part is a module ``bench/<part>.py`` with ``main(out: pathlib.Path) -> None`` that prints its
+table and writes its figures under ``out`` (``bench-out/<part>/``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+import sys
+import time
+from pathlib import Path
+
+import bench
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+parts = sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
+chosen = sys.argv[1:] or parts
+unknown = [p for p in chosen if p not in parts]
+if unknown:
+    sys.exit(f"unknown benchmark part(s) {', '.join(unknown)}; choose from {', '.join(parts)}")
+for part in chosen:
+    t0 = time.perf_counter()
+    print(f"\n===== bench: {part} =====", flush=True)
+    importlib.import_module(f"bench.{part}").main(Path("bench-out") / part)
+    print(f"===== bench: {part} done in {time.perf_counter() - t0:.0f}s =====", flush=True)

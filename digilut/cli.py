@@ -1,0 +1,35 @@
+"""The ``digilut`` command line: a thin layer over the library.
+
+Each command group lives in ``digilut/commands/<name>.py`` with a ``register(app)`` function; this
+module only wires them together and configures logging (the one place that does).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+
+import typer
+
+import digilut.commands
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="digilut — find lung-transplant rejection lesions on whole-slide images (DigiLut). "
+    "Box columns everywhere: x1,x2 = xmin,xmax and y1,y2 = ymin,ymax in level-0 pixels.",
+)
+
+
+@app.callback()
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
+) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+for _mod in sorted(m.name for m in pkgutil.iter_modules(digilut.commands.__path__)):
+    importlib.import_module(f"digilut.commands.{_mod}").register(app)
