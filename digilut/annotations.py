@@ -210,7 +210,9 @@ def read_boxes_csv(
         if r.x1 < 0 or r.y1 < 0 or r.x2 > r.max_x or r.y2 > r.max_y:
             problems.append(
                 RowProblem(
-                    src, line, name,
+                    src,
+                    line,
+                    name,
                     f"box x1={r.x1} x2={r.x2} y1={r.y1} y2={r.y2} overshoots the slide "
                     f"(0..{r.max_x} × 0..{r.max_y}); clipped to it",
                     dropped=False,

@@ -100,8 +100,9 @@ def patient_names(n: int, seed: int) -> list[str]:
     return names
 
 
-def _blob(h: int, w: int, cy: float, cx: float, ry: float, rx: float, rng: np.random.Generator,
-          rough: float) -> np.ndarray:
+def _blob(
+    h: int, w: int, cy: float, cx: float, ry: float, rx: float, rng: np.random.Generator, rough: float
+) -> np.ndarray:
     """A soft irregular ellipse on an h×w grid (values 0..1)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     ang = rng.uniform(0, np.pi)
@@ -169,11 +170,13 @@ def _texture(rng: np.random.Generator, size: int, mpp: float, lesion: bool) -> n
     ys, xs = rng.integers(0, size, n), rng.integers(0, size, n)
     np.add.at(field_, (ys, xs), 1.0)
     if nucleus_px >= 0.7:
-        field_ = ndimage.gaussian_filter(field_, nucleus_px * 0.6, mode="wrap") * (nucleus_px ** 2) * 2.2
+        field_ = ndimage.gaussian_filter(field_, nucleus_px * 0.6, mode="wrap") * (nucleus_px**2) * 2.2
     else:
         field_ = ndimage.gaussian_filter(field_, 0.7, mode="wrap") * 2.2
     nuc = np.clip(field_, 0, 1)[..., None]
-    fibres = ndimage.gaussian_filter(rng.standard_normal((size, size)).astype(np.float32), (1.0, 6.0), mode="wrap")
+    fibres = ndimage.gaussian_filter(
+        rng.standard_normal((size, size)).astype(np.float32), (1.0, 6.0), mode="wrap"
+    )
     stroma_base = np.array([236, 160, 196] if not lesion else [205, 130, 185], np.float32)
     stroma = stroma_base + fibres[..., None] * np.array([18, 30, 20], np.float32) * 3
     nucleus_col = np.array([70, 40, 120] if not lesion else [52, 25, 100], np.float32)
@@ -210,7 +213,7 @@ class _Renderer:
 
     def __init__(self, plan: SlidePlan, level: int, quality: int) -> None:
         self.plan, self.level, self.quality = plan, level, quality
-        self.down = 2 ** level
+        self.down = 2**level
         self.mpp = MPP0 * self.down
         self.normal, self.lesion = _texture_bank(level)
         self.bank = BANK_PX
@@ -221,13 +224,13 @@ class _Renderer:
         """The coarse mask sampled bilinearly at the tile's pixel centres (separable: Wy @ M @ Wxᵀ)."""
         wy, iy = _interp_weights(ty * TILE_PX, self.down / MASK_PX, m.shape[0])
         wx, ix = _interp_weights(tx * TILE_PX, self.down / MASK_PX, m.shape[1])
-        return (wy @ m[iy[0]:iy[1], ix[0]:ix[1]] @ wx.T).astype(np.float32)
+        return (wy @ m[iy[0] : iy[1], ix[0] : ix[1]] @ wx.T).astype(np.float32)
 
     def tile(self, ty: int, tx: int) -> bytes:
         scale = self.down / MASK_PX
         y0, x0 = int(ty * TILE_PX * scale), int(tx * TILE_PX * scale)
         y1, x1 = int((ty + 1) * TILE_PX * scale) + 2, int((tx + 1) * TILE_PX * scale) + 2
-        if self.plan.tissue[max(0, y0 - 1):y1, max(0, x0 - 1):x1].max(initial=0) <= 0.0:
+        if self.plan.tissue[max(0, y0 - 1) : y1, max(0, x0 - 1) : x1].max(initial=0) <= 0.0:
             return self.white_jpeg
         t = self._mask(self.plan.tissue, ty, tx)[..., None]
         le = self._mask(self.plan.lesion, ty, tx)[..., None]
@@ -267,7 +270,7 @@ def write_slide(plan: SlidePlan, path: str | Path, *, quality: int = 85, mpp: fl
             tiles = (r.tile(ty, tx) for ty in range(ny) for tx in range(nx))
             kwargs: dict[str, object] = {}
             if mpp is not None:
-                px_per_cm = 1e4 / (mpp * 2 ** level)
+                px_per_cm = 1e4 / (mpp * 2**level)
                 kwargs = {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
             tif.write(
                 tiles,
@@ -306,5 +309,7 @@ def synth_dataset(out: str | Path, cfg: SynthConfig) -> pd.DataFrame:
             log.info("synth %s: %d×%d px, %d box(es)", name, plan.width, plan.height, len(plan.boxes))
     df = pd.DataFrame(rows, columns=["filename", "x1", "x2", "y1", "y2", "max_x", "max_y"])
     df.to_csv(out / "train.csv", index=False)
-    log.info("synth: %d slides, %d boxes in %.1fs -> %s", 2 * cfg.patients, len(df), time.perf_counter() - t0, out)
+    log.info(
+        "synth: %d slides, %d boxes in %.1fs -> %s", 2 * cfg.patients, len(df), time.perf_counter() - t0, out
+    )
     return df

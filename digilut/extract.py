@@ -1,0 +1,421 @@
+"""Patch extraction: tissue patches of every slide into one shard per slide plus a manifest.
+
+``extract_slide`` does one slide: pyFAST tissue mask → patch grid at the target resolution (level
+chosen from the slide's mpp; resized from the closest finer level when none matches) → pixels read
+tile by tile → JPEG → one shard + a manifest part + a thumbnail. ``prepare_dataset`` runs it over a
+data folder (``DATA/images/*.tif`` + ``DATA/train.csv``), slide by slide in worker processes, with a
+per-slide report, resume, and labels.
+
+Output layout (all paths in the manifest are relative to ``OUT``)::
+
+    OUT/shards/<stem>.shard        JPEG patches of one slide (see digilut.shards)
+    OUT/parts/<stem>.parquet       that slide's manifest rows
+    OUT/thumbnails/<stem>.png      whole-slide thumbnail (long side ≤ 1024 px)
+    OUT/manifest.parquet           all slides' rows (+ overlap/label when boxes are given)
+    OUT/report.json                per-slide status, patch count, seconds, error
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from digilut.annotations import check_slide_name, list_slides, patient_of, read_boxes_csv
+from digilut.errors import ConfigError, DigilutError, SlideReadError, TissueNotFoundError
+from digilut.labels import LabelConfig, label_patches
+from digilut.manifest import EXTRACT_COLUMNS, MANIFEST_NAME, conform, write_manifest
+from digilut.shards import atomic_write, write_shard
+from digilut.slide import LevelReader, choose_level, read_slide_info
+from digilut.tissue import fast_tissue_mask
+
+log = logging.getLogger(__name__)
+THUMB_PX = 1024
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How patches are cut. Sizes are in pixels *at the target resolution* (``target_mpp``)."""
+
+    patch_px: int = 256
+    target_mpp: float = 0.5  # 20x
+    stride_px: int = 256  # 128 = 50% overlap (inference)
+    min_tissue_fraction: float = 0.5
+    tissue_threshold: int = 85  # FAST colour threshold: distance from white
+    slide_mpp: float | None = None  # override for slides without mpp metadata
+    jpeg_quality: int = 90
+    max_constant_fraction: float = 0.02  # more constant tissue patches than this = unreadable slide
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.patch_px <= 4096:
+            raise ConfigError(f"patch_px={self.patch_px} must be in 16..4096")
+        if not 1 <= self.stride_px <= self.patch_px * 4:
+            raise ConfigError(f"stride_px={self.stride_px} must be in 1..{self.patch_px * 4}")
+        if not 0.05 <= self.target_mpp <= 20:
+            raise ConfigError(f"target_mpp={self.target_mpp} µm/px must be in 0.05..20 (20x = 0.5)")
+        if not 0.0 <= self.min_tissue_fraction <= 1.0:
+            raise ConfigError(f"min_tissue_fraction={self.min_tissue_fraction} must be in [0, 1]")
+        if not 1 <= self.tissue_threshold <= 441:
+            raise ConfigError(f"tissue_threshold={self.tissue_threshold} must be in 1..441")
+        if self.slide_mpp is not None and not 0.05 <= self.slide_mpp <= 20:
+            raise ConfigError(f"slide_mpp={self.slide_mpp} µm/px must be in 0.05..20 (DigiLut: 0.25)")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"jpeg_quality={self.jpeg_quality} must be in 1..100")
+
+    def digest(self) -> str:
+        """Short hash of the settings: a slide extracted with other settings is redone."""
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class SlidePatches:
+    """Result of extracting one slide."""
+
+    slide: str
+    status: str  # ok | empty | failed
+    patches: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    level: int = -1
+    scale: float = 1.0
+    mpp: float = 0.0
+    width: int = 0
+    height: int = 0
+    config: str = ""
+    shard_sha256: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def _stem(slide: str) -> str:
+    return Path(slide).stem
+
+
+def _thumbnail(reader: LevelReader) -> np.ndarray:
+    """The whole of ``reader``'s level, shrunk to at most THUMB_PX on the long side."""
+    lv = reader.level
+    im = Image.fromarray(reader.read(0, 0, lv.width, lv.height))
+    im.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.BOX)
+    return np.asarray(im)
+
+
+def patch_grid(width: int, height: int, region_px: int, stride_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left corners (x, y) of every full region of a level, in raster order."""
+    xs = np.arange(0, width - region_px + 1, stride_px, dtype=np.int64)
+    ys = np.arange(0, height - region_px + 1, stride_px, dtype=np.int64)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    return gx.ravel(), gy.ravel()
+
+
+def extract_slide(slide_path: str | Path, out_dir: str | Path, cfg: ExtractConfig) -> SlidePatches:
+    """Extract one slide's tissue patches into ``out_dir`` (shard, manifest part, thumbnail).
+
+    Raises a :class:`~digilut.errors.DigilutError` subclass naming the slide when it cannot be
+    read; :func:`prepare_dataset` turns that into a report entry and goes on.
+    """
+    t0 = time.perf_counter()
+    slide_path, out_dir = Path(slide_path), Path(out_dir)
+    name = check_slide_name(slide_path.name)
+    info = read_slide_info(slide_path, mpp=cfg.slide_mpp)
+    choice = choose_level(info, cfg.target_mpp)
+    level = info.levels[choice.level]
+    region = round(cfg.patch_px * choice.scale)
+    stride = max(1, round(cfg.stride_px * choice.scale))
+    gx, gy = patch_grid(level.width, level.height, region, stride)
+    ds = level.downsample
+    x0 = np.round(gx * ds).astype(np.int64)
+    y0 = np.round(gy * ds).astype(np.int64)
+    side0 = round(region * ds)
+    mask = fast_tissue_mask(slide_path, info.width, info.height, threshold=cfg.tissue_threshold)
+    tissue = mask.fractions(x0, y0, np.full_like(x0, side0), np.full_like(y0, side0))
+    keep = np.flatnonzero(tissue >= cfg.min_tissue_fraction)
+    jpegs: list[bytes] = []
+    kept: list[int] = []
+    constant = 0
+    with LevelReader(info, len(info.levels) - 1) as thumb_reader:
+        thumb = _thumbnail(thumb_reader)
+    with LevelReader(info, choice.level) as reader:
+        for i in keep:
+            px = reader.read(int(gx[i]), int(gy[i]), region, region)
+            if region != cfg.patch_px:
+                px = np.asarray(
+                    Image.fromarray(px).resize((cfg.patch_px, cfg.patch_px), Image.Resampling.BOX)
+                )
+            if px.min() == px.max():  # a flat patch in tissue: an unreadable (garbled/black) tile
+                constant += 1
+                continue
+            jpegs.append(imagecodecs.jpeg8_encode(px, level=cfg.jpeg_quality))
+            kept.append(int(i))
+    if len(keep) and constant > cfg.max_constant_fraction * len(keep):
+        raise SlideReadError(
+            f"{name}: {constant} of {len(keep)} tissue patches are flat (one colour): unreadable or "
+            "garbled tiles; the slide is skipped"
+        )
+    stem = _stem(name)
+    thumb_path = out_dir / "thumbnails" / f"{stem}.png"
+    thumb_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(thumb).save(thumb_path)
+    result = SlidePatches(
+        name,
+        "ok",
+        len(kept),
+        0.0,
+        "",
+        choice.level,
+        choice.scale,
+        info.mpp,
+        info.width,
+        info.height,
+        cfg.digest(),
+    )
+    if not kept:
+        result.status = "empty"
+        result.error = str(
+            TissueNotFoundError(
+                f"{name}: no patch has ≥ {cfg.min_tissue_fraction:.0%} tissue (FAST threshold "
+                f"{cfg.tissue_threshold}); nothing extracted, excluded from training"
+            )
+        )
+    shard_rel = f"shards/{stem}.shard"
+    index = write_shard(out_dir / shard_rel, jpegs)
+    sel = np.asarray(kept, dtype=np.int64)
+    part = pd.DataFrame(
+        {
+            "slide": name,
+            "patient": patient_of(name),
+            "x0": x0[sel],
+            "y0": y0[sel],
+            "w0": np.full(len(sel), side0),
+            "h0": np.full(len(sel), side0),
+            "level": choice.level,
+            "tissue": tissue[sel],
+            "shard": shard_rel,
+            "offset": index.offset,
+            "nbytes": index.nbytes,
+        },
+        columns=list(EXTRACT_COLUMNS),
+    )
+    write_manifest(part, out_dir / "parts" / f"{stem}.parquet")
+    result.shard_sha256 = _sha256(out_dir / shard_rel)
+    result.seconds = time.perf_counter() - t0
+    log.info(
+        "%s: %d patches (%d tissue cells, level %d, %.3g× resize) in %.1fs = %.0f patches/s",
+        name,
+        len(kept),
+        len(keep),
+        choice.level,
+        choice.scale,
+        result.seconds,
+        len(kept) / max(result.seconds, 1e-9),
+    )
+    return result
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _extract_safely(slide_path: str, out_dir: str, cfg: ExtractConfig) -> SlidePatches:
+    """extract_slide that returns a failed result instead of raising (runs in a worker)."""
+    t0 = time.perf_counter()
+    try:
+        return extract_slide(slide_path, out_dir, cfg)
+    except (DigilutError, OSError, ValueError, RuntimeError, MemoryError) as err:
+        return SlidePatches(
+            Path(slide_path).name,
+            "failed",
+            seconds=time.perf_counter() - t0,
+            error=f"{type(err).__name__}: {err}",
+            config=cfg.digest(),
+        )
+
+
+@dataclass
+class PrepareReport:
+    """Per-slide results of :func:`prepare_dataset` plus totals; saved as ``report.json``."""
+
+    slides: dict[str, SlidePatches]
+    seconds: float = 0.0
+    config: dict[str, object] = dataclasses.field(default_factory=dict)
+    problems: list[str] = dataclasses.field(default_factory=list)  # dropped/corrected CSV rows
+
+    @property
+    def failed(self) -> list[str]:
+        return [s for s, r in self.slides.items() if r.status == "failed"]
+
+    @property
+    def patches(self) -> int:
+        return sum(r.patches for r in self.slides.values())
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "seconds": round(self.seconds, 3),
+                "patches": self.patches,
+                "config": self.config,
+                "problems": self.problems,
+                "slides": {k: v.to_dict() for k, v in sorted(self.slides.items())},
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> PrepareReport:
+        data = json.loads(path.read_text())
+        slides = {k: SlidePatches(**v) for k, v in data.get("slides", {}).items()}
+        return cls(slides, data.get("seconds", 0.0), data.get("config", {}), data.get("problems", []))
+
+
+def _reusable(prev: SlidePatches | None, out_dir: Path, cfg: ExtractConfig) -> bool:
+    """A slide done before with the same settings, whose shard still has the same content."""
+    if prev is None or prev.status not in ("ok", "empty") or prev.config != cfg.digest():
+        return False
+    stem = _stem(prev.slide)
+    shard, part = out_dir / "shards" / f"{stem}.shard", out_dir / "parts" / f"{stem}.parquet"
+    return shard.is_file() and part.is_file() and _sha256(shard) == prev.shard_sha256
+
+
+def extract_slides(
+    slide_paths: list[Path],
+    out_dir: Path,
+    cfg: ExtractConfig,
+    *,
+    workers: int = 1,
+    previous: dict[str, SlidePatches] | None = None,
+) -> dict[str, SlidePatches]:
+    """Extract many slides, reusing finished ones; a failing slide is reported, never fatal.
+
+    ``workers`` ≥ 1 runs slides in that many spawned worker processes, so a slide whose reader
+    crashes natively or runs out of memory kills only its worker: it is reported as
+    ``worker killed`` and the others go on. ``workers=0`` runs in this process (tests, debugging).
+    """
+    previous = previous or {}
+    results: dict[str, SlidePatches] = {}
+    todo: list[Path] = []
+    for p in slide_paths:
+        if _reusable(previous.get(p.name), out_dir, cfg):
+            results[p.name] = previous[p.name]
+            log.info("%s: already extracted with the same settings (shard checksum matches), reused", p.name)
+        else:
+            todo.append(p)
+    t0 = time.perf_counter()
+    done_patches = 0
+
+    def record(r: SlidePatches) -> None:
+        nonlocal done_patches
+        results[r.slide] = r
+        done_patches += r.patches
+        rate = done_patches / max(time.perf_counter() - t0, 1e-9)
+        msg = (
+            f"[{len(results)}/{len(slide_paths)}] {r.slide}: {r.status}, {r.patches} patches; "
+            f"{rate:.0f} patches/s overall"
+        )
+        if r.status == "failed":
+            log.error("%s — %s", msg, r.error)
+        else:
+            log.info("%s", msg)
+
+    if workers <= 0:
+        for p in todo:
+            record(_extract_safely(str(p), str(out_dir), cfg))
+        return results
+
+    def run_pool(paths: list[Path], n: int) -> list[Path]:
+        """Run ``paths`` in a pool of ``n`` spawned workers; return those lost to a dead worker."""
+        lost: list[Path] = []
+        with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_extract_safely, str(p), str(out_dir), cfg): p for p in paths}
+            for fut, p in futures.items():
+                try:
+                    record(fut.result())
+                except BrokenProcessPool:
+                    lost.append(p)
+        return lost
+
+    if todo:
+        # A dead worker breaks the whole pool: redo its unfinished slides one per pool to find it.
+        for p in run_pool(todo, min(workers, len(todo))):
+            if run_pool([p], 1):
+                record(
+                    SlidePatches(
+                        p.name,
+                        "failed",
+                        config=cfg.digest(),
+                        error="worker killed (the slide crashed or exhausted its worker process)",
+                    )
+                )
+    return results
+
+
+def prepare_dataset(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    cfg: ExtractConfig,
+    *,
+    workers: int = 1,
+    label_cfg: LabelConfig | None = None,
+) -> PrepareReport:
+    """Extract every slide of ``data_dir/images`` into ``out_dir`` and label the patches.
+
+    Boxes come from ``data_dir/train.csv`` when it exists (validated row by row; bad rows are
+    dropped and listed in the report). Re-running reuses slides already extracted with the same
+    settings. Returns the report (also written to ``out_dir/report.json``).
+    """
+    t0 = time.perf_counter()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    images = data_dir / "images"
+    if not images.is_dir():
+        raise FileNotFoundError(f"{images}: no images folder (expected DATA/images/*.tif)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_path = out_dir / "report.json"
+    previous = PrepareReport.load(report_path).slides if report_path.is_file() else {}
+    slides = [images / s for s in list_slides(images)]
+    log.info("prepare: %d slides in %s -> %s (%s)", len(slides), images, out_dir, cfg)
+    results = extract_slides(slides, out_dir, cfg, workers=workers, previous=previous)
+    parts = [
+        pd.read_parquet(out_dir / "parts" / f"{_stem(s)}.parquet")
+        for s, r in sorted(results.items())
+        if r.status == "ok"
+    ]
+    manifest = (
+        conform(pd.concat(parts, ignore_index=True)) if parts else pd.DataFrame(columns=list(EXTRACT_COLUMNS))
+    )
+    problems: list[str] = []
+    csv = data_dir / "train.csv"
+    if csv.is_file():
+        table = read_boxes_csv(csv, images_dir=images)
+        table.log_problems()
+        problems = [str(p) for p in table.problems]
+        manifest = label_patches(manifest, table.rows, label_cfg or LabelConfig())
+    write_manifest(manifest, out_dir / MANIFEST_NAME)
+    report = PrepareReport(results, time.perf_counter() - t0, dataclasses.asdict(cfg), problems)
+    atomic_write(report_path, [report.to_json().encode()])
+    n_ok = sum(r.status == "ok" for r in results.values())
+    log.info(
+        "prepare: %d/%d slides ok, %d failed, %d empty; %d patches in %.1fs",
+        n_ok,
+        len(results),
+        len(report.failed),
+        sum(r.status == "empty" for r in results.values()),
+        report.patches,
+        report.seconds,
+    )
+    return report

@@ -1,0 +1,245 @@
+"""Reading pyramidal TIFF slides: metadata, level choice and fast region reads.
+
+Pixels come straight from the TIFF's JPEG tiles (or strips) through tifffile + libjpeg-turbo
+(imagecodecs), each tile decoded once and cached while a patch grid sweeps over it. This is ~3×
+faster than reading patch by patch through OpenSlide or pyFAST's PatchGenerator, and it raises on
+unreadable tiles instead of returning black pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from digilut.errors import SlideMetadataError, SlideNotFoundError, SlideReadError
+
+log = logging.getLogger(__name__)
+
+# A glass slide is 75 × 25 mm; a scan wider than this is implausible (the mpp must be wrong).
+MAX_SLIDE_SIDE_MM = 80.0
+MPP_RANGE = (0.05, 20.0)  # µm/px: from oil immersion to a thumbnail
+_MPP_IN_TEXT = re.compile(r"\bmpp\s*=\s*([0-9.]+)", re.IGNORECASE)
+_RESUNIT_UM = {2: 25400.0, 3: 10000.0}  # INCH, CENTIMETER in µm
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level: its TIFF page, size and real downsample from level 0."""
+
+    index: int
+    width: int
+    height: int
+    downsample: float  # level-0 px per level px, from the real sizes (W0 / W)
+    page_index: int
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """Metadata of a slide: size, pyramid levels and microns per level-0 pixel."""
+
+    path: Path
+    width: int
+    height: int
+    mpp: float
+    levels: tuple[Level, ...]
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.levels[level].downsample
+
+
+def _page_mpp(page: tifffile.TiffPage) -> float | None:
+    desc = page.description or ""
+    m = _MPP_IN_TEXT.search(desc)
+    if m:
+        return float(m.group(1))
+    xres = page.tags.get("XResolution")
+    unit = page.tags.get("ResolutionUnit")
+    if xres is None or unit is None or int(unit.value) not in _RESUNIT_UM:
+        return None
+    num, den = xres.value
+    if not num or not den:
+        return None
+    px_per_unit = num / den
+    if px_per_unit <= 1.0:  # the TIFF default 1 px/inch (or 72 dpi screens) means "unknown"
+        return None
+    mpp = _RESUNIT_UM[int(unit.value)] / px_per_unit
+    return None if mpp > 1000 else mpp
+
+
+def read_slide_info(path: str | Path, *, mpp: float | None = None) -> SlideInfo:
+    """Read a slide's pyramid and mpp.
+
+    ``mpp`` overrides the file's metadata (for slides without resolution tags). Raises
+    :class:`SlideNotFoundError`, :class:`SlideReadError` (not a TIFF, truncated) or
+    :class:`SlideMetadataError` (no mpp, implausible mpp).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SlideNotFoundError(f"{path}: slide not found")
+    if path.stat().st_size == 0:
+        raise SlideReadError(f"{path}: empty file (0 bytes)")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = [p for p in tif.pages if p.shape and len(p.shape) >= 2]
+            if not pages:
+                raise SlideReadError(f"{path}: TIFF has no image pages")
+            base = pages[0]
+            h0, w0 = int(base.shape[0]), int(base.shape[1])
+            levels = []
+            for i, p in enumerate(tif.pages):
+                if not p.shape or len(p.shape) < 2 or p.samplesperpixel < 3:
+                    continue
+                h, w = int(p.shape[0]), int(p.shape[1])
+                # Levels: the base and reduced-resolution pages that keep the base's aspect ratio.
+                if p is not base and (p.subfiletype & 1) == 0 and levels:
+                    continue
+                if abs(w0 / w - h0 / h) > 0.02 * (w0 / w):
+                    continue  # label/macro images
+                levels.append(Level(len(levels), w, h, w0 / w, i))
+            file_mpp = _page_mpp(base)
+    except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as err:
+        raise SlideReadError(f"{path}: not a readable TIFF ({err})") from err
+    levels.sort(key=lambda lv: lv.downsample)
+    levels = [Level(i, lv.width, lv.height, lv.downsample, lv.page_index) for i, lv in enumerate(levels)]
+    if not levels or levels[0].downsample != 1.0:
+        raise SlideReadError(f"{path}: no full-resolution RGB level found")
+    chosen = mpp if mpp is not None else file_mpp
+    if chosen is None:
+        raise SlideMetadataError(
+            f"{path}: no microns-per-pixel in the TIFF (resolution tags or 'mpp=' in the description); "
+            "pass it explicitly, e.g. `digilut prepare --slide-mpp 0.25` (DigiLut slides are 0.25 µm/px, 40x)"
+        )
+    if not MPP_RANGE[0] <= chosen <= MPP_RANGE[1]:
+        raise SlideMetadataError(
+            f"{path}: mpp={chosen:g} µm/px is outside the plausible range {MPP_RANGE[0]}–{MPP_RANGE[1]}"
+        )
+    side_mm = max(w0, h0) * chosen / 1000
+    if side_mm > MAX_SLIDE_SIDE_MM:
+        raise SlideMetadataError(
+            f"{path}: {w0}×{h0} px at mpp={chosen:g} µm/px is {side_mm:.0f} mm wide, more than a "
+            f"{MAX_SLIDE_SIDE_MM:.0f} mm glass slide: the mpp is wrong (pass the right one with --slide-mpp)"
+        )
+    return SlideInfo(path, w0, h0, float(chosen), tuple(levels))
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """Where to read patches for a target resolution: a level and the resize factor."""
+
+    level: int
+    scale: float  # level px per output px (1.0 = read as is; >1 = read larger and shrink)
+
+
+def choose_level(info: SlideInfo, target_mpp: float, *, tolerance: float = 0.02) -> LevelChoice:
+    """The level to read ``target_mpp`` from: a level within ``tolerance`` of it, else the closest
+    finer level (read a larger region and shrink). A slide coarser than the target is refused."""
+    best: LevelChoice | None = None
+    for lv in info.levels:
+        lmpp = info.level_mpp(lv.index)
+        ratio = target_mpp / lmpp
+        if abs(ratio - 1.0) <= tolerance:
+            return LevelChoice(lv.index, 1.0)
+        if ratio > 1.0 and (best is None or ratio < best.scale):
+            best = LevelChoice(lv.index, ratio)
+    if best is None:
+        raise SlideMetadataError(
+            f"{info.path}: finest level is {info.mpp:g} µm/px, coarser than the target {target_mpp:g} µm/px"
+        )
+    shown = ", ".join(f"{lv.downsample:g}×" for lv in info.levels)
+    log.info(
+        "%s has levels at %s and mpp %g; %g µm/px needs %.3g×: reading level %d and resizing",
+        info.path.name,
+        shown,
+        info.mpp,
+        target_mpp,
+        target_mpp / info.mpp,
+        best.level,
+    )
+    return best
+
+
+class LevelReader:
+    """Reads regions of one level, decoding each TIFF tile/strip once (LRU cache of decoded tiles).
+
+    Raises :class:`SlideReadError` naming the slide, level and tile when a tile cannot be decoded or
+    its bytes lie beyond the end of the file (a truncated slide).
+    """
+
+    def __init__(self, info: SlideInfo, level: int, *, cache_tiles: int = 256) -> None:
+        self.info = info
+        self.level = info.levels[level]
+        self._tif = tifffile.TiffFile(info.path)
+        self._fh = self._tif.filehandle
+        page = self._tif.pages[self.level.page_index]
+        self._page = page
+        self._file_size = info.path.stat().st_size
+        if page.is_tiled:
+            self.tile_h, self.tile_w = int(page.tilelength), int(page.tilewidth)
+        else:
+            self.tile_h, self.tile_w = int(page.rowsperstrip or page.shape[0]), int(page.shape[1])
+            self.tile_h = min(self.tile_h, int(page.shape[0]))
+        self.tiles_x = -(-self.level.width // self.tile_w)
+        self.tiles_y = -(-self.level.height // self.tile_h)
+        self._offsets = page.dataoffsets
+        self._counts = page.databytecounts
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_tiles = cache_tiles
+        self.tiles_decoded = 0
+
+    def close(self) -> None:
+        self._tif.close()
+
+    def __enter__(self) -> LevelReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _tile(self, ty: int, tx: int) -> np.ndarray:
+        key = (ty, tx)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        idx = ty * self.tiles_x + tx
+        off, n = int(self._offsets[idx]), int(self._counts[idx])
+        where = f"{self.info.path.name} level {self.level.index} tile ({tx}, {ty})"
+        if n == 0 or off + n > self._file_size:
+            raise SlideReadError(
+                f"{where}: tile data missing or beyond the end of the file (truncated slide?)"
+            )
+        self._fh.seek(off)
+        data = self._fh.read(n)
+        try:
+            arr, _, _ = self._page.decode(data, idx, jpegtables=self._page.jpegtables)
+        except Exception as err:  # codecs raise their own error types
+            raise SlideReadError(f"{where}: cannot decode ({err})") from err
+        if arr is None:
+            raise SlideReadError(f"{where}: cannot decode (no data)")
+        tile = np.asarray(arr).reshape(arr.shape[-3:])[..., :3]
+        self._cache[key] = tile
+        self.tiles_decoded += 1
+        if len(self._cache) > self._cache_tiles:
+            self._cache.popitem(last=False)
+        return tile
+
+    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """RGB pixels of the level region ``[x, x+w) × [y, y+h)`` (must lie inside the level)."""
+        if x < 0 or y < 0 or x + w > self.level.width or y + h > self.level.height:
+            raise ValueError(f"region {x},{y} {w}×{h} outside level {self.level.width}×{self.level.height}")
+        out = np.empty((h, w, 3), np.uint8)
+        for ty in range(y // self.tile_h, (y + h - 1) // self.tile_h + 1):
+            for tx in range(x // self.tile_w, (x + w - 1) // self.tile_w + 1):
+                tile = self._tile(ty, tx)
+                ty0, tx0 = ty * self.tile_h, tx * self.tile_w
+                sy0, sx0 = max(y, ty0), max(x, tx0)
+                sy1 = min(y + h, ty0 + self.tile_h, self.level.height)
+                sx1 = min(x + w, tx0 + self.tile_w, self.level.width)
+                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0]
+        return out
