@@ -1,0 +1,72 @@
+import hashlib
+
+import numpy as np
+import openslide
+import pandas as pd
+import pytest
+import tifffile
+
+from digilut.annotations import read_boxes_csv
+from digilut.errors import ConfigError
+from digilut.synth import SynthConfig, plan_slide, synth_dataset
+
+
+def test_dataset_layout_csv_and_pyramid(tiny_data):
+    slides = sorted(p.name for p in (tiny_data / "images").iterdir())
+    assert len(slides) == 6 and all(s.endswith(("_a.tif", "_b.tif")) for s in slides)
+    table = read_boxes_csv(tiny_data / "train.csv", images_dir=tiny_data / "images")
+    assert not table.problems and len(table.rows) >= 1
+    path = tiny_data / "images" / slides[0]
+    with tifffile.TiffFile(path) as tif:
+        pages = list(tif.pages)
+        assert pages[0].is_tiled and pages[0].compression == 7  # JPEG
+        assert [p.subfiletype for p in pages] == [0] + [1] * (len(pages) - 1)
+        assert max(pages[-1].shape[:2]) <= 1024
+    osl = openslide.OpenSlide(path)
+    assert osl.level_count == len(pages)
+    assert osl.level_downsamples[:3] == (1.0, 2.0, 4.0)
+    assert float(osl.properties["openslide.mpp-x"]) == pytest.approx(0.25)
+
+
+def test_fast_reads_the_pyramid_and_its_spacing(tiny_data):
+    import fast
+
+    path = sorted((tiny_data / "images").iterdir())[0]
+    wsi = fast.WholeSlideImageImporter.create(str(path)).runAndGetOutputData()
+    assert wsi.getNrOfLevels() == 3
+    assert wsi.getSpacing()[0] == pytest.approx(0.00025)  # mm per level-0 pixel
+
+
+def test_same_seed_same_files_other_seed_other_files(tmp_path):
+    def digest(out):
+        synth_dataset(out, SynthConfig(patients=1, seed=5))
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "images").iterdir()}
+
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    synth_dataset(tmp_path / "c", SynthConfig(patients=1, seed=6))
+    assert sorted(p.name for p in (tmp_path / "c" / "images").iterdir()) != sorted(digest(tmp_path / "a"))
+
+
+def test_lesions_are_darker_and_denser_than_tissue_around_them(tiny_data):
+    boxes = pd.read_csv(tiny_data / "train.csv")
+    row = boxes.iloc[0]
+    osl = openslide.OpenSlide(tiny_data / "images" / row.filename)
+    cx, cy = (row.x1 + row.x2) // 2, (row.y1 + row.y2) // 2
+    inside = np.asarray(osl.read_region((cx - 64, cy - 64), 0, (128, 128)))[..., :3].astype(float)
+    assert inside.mean() < 170  # dark purple, not glass (242) nor pink stroma (~200)
+
+
+def test_box_sizes_follow_the_real_distribution():
+    sides = []
+    cfg = SynthConfig(size="demo", max_boxes_per_slide=5)
+    for seed in range(12):
+        for x1, x2, y1, y2 in plan_slide("p_a.tif", cfg, seed, positive=True).boxes:
+            sides.append(np.sqrt((x2 - x1) * (y2 - y1)))
+    assert 600 < np.median(sides) < 1400  # real median 943 px
+
+
+def test_config_is_validated():
+    with pytest.raises(ConfigError, match="size='huge'"):
+        SynthConfig(size="huge")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="patients=0"):
+        SynthConfig(patients=0)
