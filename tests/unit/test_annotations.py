@@ -94,7 +94,8 @@ def test_missing_csv_raises_naming_it(tmp_path):
 
 
 def test_test_list_counts_and_duplicate_ids(tmp_path):
-    text = "filename,max_x,max_y,trustii_id\na_a.tif,10,10,1\na_a.tif,10,10,2\nb_b.tif,10,10,3\nb_b.tif,10,10,3\n"
+    rows = "a_a.tif,10,10,1\na_a.tif,10,10,2\nb_b.tif,10,10,3\nb_b.tif,10,10,3\n"
+    text = "filename,max_x,max_y,trustii_id\n" + rows
     table = read_test_list(write(tmp_path, text, "test.csv"))
     assert expected_counts(table.rows) == {"a_a.tif": 2, "b_b.tif": 1}
     assert "trustii_id=3 repeats" in str(table.problems[0])

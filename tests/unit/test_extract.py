@@ -104,5 +104,5 @@ def test_bad_slides_are_reported_and_skipped_in_worker_processes(tiny_data, tmp_
 def test_config_is_validated():
     with pytest.raises(ConfigError, match="stride_px=0"):
         ExtractConfig(stride_px=0)
-    with pytest.raises(ConfigError, match="min_tissue_fraction=1.5"):
+    with pytest.raises(ConfigError, match=r"min_tissue_fraction=1\.5"):
         ExtractConfig(min_tissue_fraction=1.5)
