@@ -9,13 +9,15 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := pocl-opencl-icd libusb-1.0-0 libopengl0 libgl1 libxcb-xinerama0 libxcb-icccm4 libxcb-keysyms1
 PYTEST_ARGS ?=
 
-# Container images and compiled pipelines share one registry and one immutable tag.
-REGISTRY ?= ghcr.io/digilut
-TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
+# Container images and compiled pipelines share one registry and one immutable tag, named as
+# digilut.images.image() names them: REGISTRY/TAG on the command line, else DIGILUT_REGISTRY/DIGILUT_TAG
+# from the environment, else ghcr.io/digilut and the git short SHA (12 characters; 'dev' without git).
+REGISTRY ?= $(or $(DIGILUT_REGISTRY),ghcr.io/digilut)
+TAG ?= $(or $(DIGILUT_TAG),$(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev))
 export DIGILUT_REGISTRY := $(REGISTRY)
 export DIGILUT_TAG := $(TAG)
 
-.PHONY: help install apt test lint format bench demo compile images push submit clean
+.PHONY: help install apt test lint format bench demo compile images push submit clean print-images manifests-images lock docker-engine check-tag
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -49,6 +51,62 @@ format: install ## ruff autofix + format
 
 bench: install ## Benchmarks: extraction, boxes oracle, data loader/training (figures go to bench-out/)
 	$(PY) -m bench
+
+# --- container images (images/) and the image tag the manifests deploy (manifests/images) ---
+# SOURCE drops any user:token@ from the remote URL: labels are public.
+IMAGE_BASE := $(REGISTRY)/digilut-base:$(TAG)
+IMAGE_TRAIN := $(REGISTRY)/digilut-train:$(TAG)
+# Tags refused because they move (digilut.images.MUTABLE_TAGS)
+MUTABLE_TAGS := latest stable main master nightly edge
+DOCKER ?= docker
+BAKE_WEIGHTS ?= 1
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+IMAGES_COMPONENT ?= manifests/images/kustomization.yaml
+IMAGE_VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+IMAGE_ARGS = --platform linux/amd64 \
+	--build-arg VERSION=$(IMAGE_VERSION) \
+	--build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+	--build-arg CREATED=$$(git log -1 --format=%cI 2>/dev/null || echo 1970-01-01T00:00:00Z) \
+	--build-arg SOURCE=$$(git remote get-url origin 2>/dev/null | sed 's#//[^/@]*@#//#' || echo unknown)
+
+check-tag:
+	@tag='$(TAG)'; for m in $(MUTABLE_TAGS); do \
+	  if [ "$$(printf %s "$$tag" | tr A-Z a-z)" = "$$m" ]; then \
+	    echo "make: TAG=$$tag is a mutable tag ($(MUTABLE_TAGS) are refused): use an immutable one such as the git short SHA (the default)" >&2; exit 1; fi; done
+
+docker-engine:
+	@command -v $(DOCKER) >/dev/null 2>&1 || { echo "make: '$(DOCKER)' not found: install Docker (or set DOCKER=podman) to build images" >&2; exit 1; }
+	@$(DOCKER) info >/dev/null 2>&1 || { echo "make: no Docker engine reachable through '$(DOCKER)' (daemon not running, or DOCKER_HOST/context wrong): start one, or build on a machine that has one" >&2; exit 1; }
+
+print-images: check-tag ## Print the two image references (REGISTRY/digilut-{base,train}:TAG)
+	@echo $(IMAGE_BASE)
+	@echo $(IMAGE_TRAIN)
+
+images: check-tag docker-engine ## Build digilut-base (CPU) and digilut-train (GPU) for linux/amd64; BAKE_WEIGHTS=0 skips the ImageNet weights
+	@if $(DOCKER) buildx version >/dev/null 2>&1; then build="$(DOCKER) buildx build --load"; else build="$(DOCKER) build"; fi; \
+	set -ex; \
+	$$build $(IMAGE_ARGS) --build-arg TORCH_CPU_INDEX=$(TORCH_CPU_INDEX) -f images/base/Dockerfile -t $(IMAGE_BASE) . ; \
+	$$build $(IMAGE_ARGS) --build-arg BAKE_IMAGENET_WEIGHTS=$(BAKE_WEIGHTS) -f images/train/Dockerfile -t $(IMAGE_TRAIN) .
+
+push: images ## Push both images to REGISTRY and point manifests/images at this TAG
+	$(DOCKER) push $(IMAGE_BASE)
+	$(DOCKER) push $(IMAGE_TRAIN)
+	@$(MAKE) --no-print-directory manifests-images
+
+manifests-images: check-tag ## Write manifests/images/kustomization.yaml: the overlays deploy REGISTRY/digilut-base:TAG
+	@printf '%s\n' \
+	  '# Written by `make manifests-images` (and `make push`): the digilut images the overlays deploy, named as' \
+	  '# digilut.images.image() names them. Commit it with the tag you deploy.' \
+	  'apiVersion: kustomize.config.k8s.io/v1alpha1' \
+	  'kind: Component' \
+	  'images:' \
+	  '  - name: digilut-base' \
+	  '    newName: $(REGISTRY)/digilut-base' \
+	  '    newTag: "$(TAG)"' > $(IMAGES_COMPONENT)
+	@echo "manifests-images: $(IMAGES_COMPONENT) -> $(IMAGE_BASE)"
+
+lock: install ## Regenerate the hashed images/requirements-*.lock from requirements.txt (needs PyPI)
+	$(PY) images/lock.py
 
 clean: ## Remove caches and generated outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache bench-out demo-out
