@@ -22,8 +22,9 @@ import hashlib
 import json
 import logging
 import multiprocessing as mp
+import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from digilut.errors import ConfigError, DigilutError, SlideReadError, TissueNotF
 from digilut.labels import LabelConfig, label_patches
 from digilut.manifest import EXTRACT_COLUMNS, MANIFEST_NAME, conform, write_manifest
 from digilut.shards import atomic_write, write_shard
-from digilut.slide import LevelReader, choose_level, read_slide_info
+from digilut.slide import LevelReader, SlideInfo, choose_level, read_slide_info
 from digilut.tissue import fast_tissue_mask
 
 log = logging.getLogger(__name__)
@@ -121,11 +122,42 @@ def patch_grid(width: int, height: int, region_px: int, stride_px: int) -> tuple
     return gx.ravel(), gy.ravel()
 
 
-def extract_slide(slide_path: str | Path, out_dir: str | Path, cfg: ExtractConfig) -> SlidePatches:
+def _read_cells(
+    info: SlideInfo,
+    level: int,
+    cells: np.ndarray,
+    gx: np.ndarray,
+    gy: np.ndarray,
+    region: int,
+    cfg: ExtractConfig,
+) -> tuple[list[bytes], list[int], int]:
+    """Read, resize and JPEG-encode the grid cells ``cells``; skip (and count) flat patches."""
+    jpegs: list[bytes] = []
+    kept: list[int] = []
+    constant = 0
+    with LevelReader(info, level) as reader:
+        for i in cells:
+            px = reader.read(int(gx[i]), int(gy[i]), region, region)
+            if region != cfg.patch_px:
+                px = np.asarray(
+                    Image.fromarray(px).resize((cfg.patch_px, cfg.patch_px), Image.Resampling.BOX)
+                )
+            if px.min() == px.max():  # a flat patch in tissue: an unreadable (garbled/black) tile
+                constant += 1
+                continue
+            jpegs.append(imagecodecs.jpeg8_encode(px, level=cfg.jpeg_quality))
+            kept.append(int(i))
+    return jpegs, kept, constant
+
+
+def extract_slide(
+    slide_path: str | Path, out_dir: str | Path, cfg: ExtractConfig, *, threads: int = 1
+) -> SlidePatches:
     """Extract one slide's tissue patches into ``out_dir`` (shard, manifest part, thumbnail).
 
     Raises a :class:`~digilut.errors.DigilutError` subclass naming the slide when it cannot be
-    read; :func:`prepare_dataset` turns that into a report entry and goes on.
+    read; :func:`prepare_dataset` turns that into a report entry and goes on. ``threads`` read
+    and encode patches in parallel (the output does not depend on it).
     """
     t0 = time.perf_counter()
     slide_path, out_dir = Path(slide_path), Path(out_dir)
@@ -143,23 +175,16 @@ def extract_slide(slide_path: str | Path, out_dir: str | Path, cfg: ExtractConfi
     mask = fast_tissue_mask(slide_path, info.width, info.height, threshold=cfg.tissue_threshold)
     tissue = mask.fractions(x0, y0, np.full_like(x0, side0), np.full_like(y0, side0))
     keep = np.flatnonzero(tissue >= cfg.min_tissue_fraction)
-    jpegs: list[bytes] = []
-    kept: list[int] = []
-    constant = 0
     with LevelReader(info, len(info.levels) - 1) as thumb_reader:
         thumb = _thumbnail(thumb_reader)
-    with LevelReader(info, choice.level) as reader:
-        for i in keep:
-            px = reader.read(int(gx[i]), int(gy[i]), region, region)
-            if region != cfg.patch_px:
-                px = np.asarray(
-                    Image.fromarray(px).resize((cfg.patch_px, cfg.patch_px), Image.Resampling.BOX)
-                )
-            if px.min() == px.max():  # a flat patch in tissue: an unreadable (garbled/black) tile
-                constant += 1
-                continue
-            jpegs.append(imagecodecs.jpeg8_encode(px, level=cfg.jpeg_quality))
-            kept.append(int(i))
+    # Threads share the work in raster-order chunks (libjpeg-turbo releases the GIL), each with its
+    # own reader and tile cache.
+    chunks = [c for c in np.array_split(keep, max(1, threads)) if len(c)]
+    with ThreadPoolExecutor(max_workers=max(1, len(chunks))) as pool:
+        parts = list(pool.map(lambda c: _read_cells(info, choice.level, c, gx, gy, region, cfg), chunks))
+    jpegs = [j for p in parts for j in p[0]]
+    kept = [i for p in parts for i in p[1]]
+    constant = sum(p[2] for p in parts)
     if len(keep) and constant > cfg.max_constant_fraction * len(keep):
         raise SlideReadError(
             f"{name}: {constant} of {len(keep)} tissue patches are flat (one colour): unreadable or "
@@ -233,11 +258,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _extract_safely(slide_path: str, out_dir: str, cfg: ExtractConfig) -> SlidePatches:
+def _extract_safely(slide_path: str, out_dir: str, cfg: ExtractConfig, threads: int = 1) -> SlidePatches:
     """extract_slide that returns a failed result instead of raising (runs in a worker)."""
     t0 = time.perf_counter()
     try:
-        return extract_slide(slide_path, out_dir, cfg)
+        return extract_slide(slide_path, out_dir, cfg, threads=threads)
     except (DigilutError, OSError, ValueError, RuntimeError, MemoryError) as err:
         return SlidePatches(
             Path(slide_path).name,
@@ -299,6 +324,7 @@ def extract_slides(
     cfg: ExtractConfig,
     *,
     workers: int = 1,
+    threads: int = 1,
     previous: dict[str, SlidePatches] | None = None,
 ) -> dict[str, SlidePatches]:
     """Extract many slides, reusing finished ones; a failing slide is reported, never fatal.
@@ -335,14 +361,14 @@ def extract_slides(
 
     if workers <= 0:
         for p in todo:
-            record(_extract_safely(str(p), str(out_dir), cfg))
+            record(_extract_safely(str(p), str(out_dir), cfg, threads))
         return results
 
     def run_pool(paths: list[Path], n: int) -> list[Path]:
         """Run ``paths`` in a pool of ``n`` spawned workers; return those lost to a dead worker."""
         lost: list[Path] = []
         with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_extract_safely, str(p), str(out_dir), cfg): p for p in paths}
+            futures = {pool.submit(_extract_safely, str(p), str(out_dir), cfg, threads): p for p in paths}
             for fut, p in futures.items():
                 try:
                     record(fut.result())
@@ -371,13 +397,15 @@ def prepare_dataset(
     cfg: ExtractConfig,
     *,
     workers: int = 1,
+    threads: int | None = None,
     label_cfg: LabelConfig | None = None,
 ) -> PrepareReport:
     """Extract every slide of ``data_dir/images`` into ``out_dir`` and label the patches.
 
     Boxes come from ``data_dir/train.csv`` when it exists (validated row by row; bad rows are
     dropped and listed in the report). Re-running reuses slides already extracted with the same
-    settings. Returns the report (also written to ``out_dir/report.json``).
+    settings. ``threads`` per slide default to the cores shared among the slides in flight.
+    Returns the report (also written to ``out_dir/report.json``).
     """
     t0 = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -389,7 +417,9 @@ def prepare_dataset(
     previous = PrepareReport.load(report_path).slides if report_path.is_file() else {}
     slides = [images / s for s in list_slides(images)]
     log.info("prepare: %d slides in %s -> %s (%s)", len(slides), images, out_dir, cfg)
-    results = extract_slides(slides, out_dir, cfg, workers=workers, previous=previous)
+    if threads is None:  # share the cores between the slides in flight
+        threads = max(1, (os.cpu_count() or 1) // max(1, min(workers, len(slides))))
+    results = extract_slides(slides, out_dir, cfg, workers=workers, threads=threads, previous=previous)
     parts = [
         pd.read_parquet(out_dir / "parts" / f"{_stem(s)}.parquet")
         for s, r in sorted(results.items())
