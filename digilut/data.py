@@ -1,0 +1,306 @@
+"""Patches for training and inference: a shard-backed Dataset, samplers, and device-side transforms.
+
+The CPU side does as little as possible per patch, all in uint8: read the JPEG stream from the
+slide's shard by manifest row (``pread``, no per-patch files), decode it with libjpeg-turbo
+(``imagecodecs``) straight into the batch array, and apply a random dihedral transform (flips and
+90° rotations) as a strided copy of 3-byte pixels. A whole batch is produced by one
+``__getitems__`` call, so collation is free and what crosses to the main process (and to pinned
+memory) is one ``B×H×W×3`` uint8 tensor.
+
+Everything that is arithmetic happens on the device, batched, in :func:`to_model_input`: uint8 →
+float, resize to the model's ``input_px``, colour jitter and H&E stain augmentation (training
+only), ImageNet normalisation, channels-last. On a GPU that is a few kernels per batch; on the
+CPU it is still vectorised over the batch.
+
+Randomness is reproducible and independent of the number of workers: a batch's transforms are
+drawn from a generator seeded by ``(seed, epoch, the batch's row indices)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import imagecodecs
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    WeightedRandomSampler,
+)
+
+from digilut.errors import ConfigError, ShardError
+from digilut.shards import ShardReader, decode_jpeg
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_PIXEL = np.dtype((np.void, 3))  # one RGB pixel as a single 3-byte item: fast strided copies
+# H&E(-DAB) stain vectors (Ruifrok & Johnston, as in scikit-image's rgb2hed)
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+_OD_UNIT = float(-np.log(1e-6))  # scikit-image's stain unit, so shift jitter reads like its values
+_LUMA = (0.299, 0.587, 0.114)
+
+
+class PatchBatch(NamedTuple):
+    """One collated batch: ``images`` uint8 ``B×H×W×3``, ``labels`` float32 (−1 = unknown), ``index``
+    the positions of the rows in the dataset's table."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+
+def dihedral(image: np.ndarray, k: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The ``H×W×3`` uint8 ``image`` rotated by ``k % 4`` quarter turns, mirrored left-right if
+    ``k >= 4`` (the 8 symmetries of the square), copied into ``out`` (allocated if ``None``)."""
+    h, w = image.shape[:2]
+    if out is None:
+        out = np.empty((w, h, 3) if k % 2 else (h, w, 3), np.uint8)
+    src = np.ascontiguousarray(image).view(_PIXEL).reshape(h, w)
+    view = np.rot90(src, k % 4)
+    if k >= 4:
+        view = view[:, ::-1]
+    np.copyto(out.view(_PIXEL).reshape(out.shape[:2]), view)
+    return out
+
+
+def _decode(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
+    try:
+        img = imagecodecs.jpeg8_decode(data, out=out)
+    except Exception:  # not a baseline RGB JPEG libjpeg-turbo decodes in place: the general path
+        img = decode_jpeg(data)
+        if out is not None:
+            np.copyto(out, img)
+            return out
+    if img.ndim == 2:  # greyscale JPEG
+        img = np.repeat(img[..., None], 3, axis=2)
+    return img
+
+
+class PatchDataset(Dataset[PatchBatch]):
+    """The patches of manifest ``rows`` (shard paths relative to ``root``), read in batches.
+
+    ``augment`` applies a random dihedral transform per patch. Labels come from the ``label``
+    column when present (−1 otherwise). Use with :func:`make_loader`, which passes whole batches
+    of indices to :meth:`__getitems__`.
+    """
+
+    def __init__(self, root: str | Path, rows: pd.DataFrame, *, augment: bool = False, seed: int = 0) -> None:
+        missing = [c for c in ("shard", "offset", "nbytes") if c not in rows.columns]
+        if missing:
+            raise ShardError(f"manifest rows lack column(s) {', '.join(missing)}")
+        self.root = Path(root)
+        codes, names = pd.factorize(rows["shard"].astype(str))
+        self.shard_names: list[str] = [str(n) for n in names]
+        self.shard_code = codes.astype(np.int32)
+        self.offset = rows["offset"].to_numpy(np.int64)
+        self.nbytes = rows["nbytes"].to_numpy(np.int64)
+        if "label" in rows.columns:
+            self.labels = rows["label"].to_numpy(np.float32)
+        else:
+            self.labels = np.full(len(rows), -1.0, np.float32)
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self._reader = ShardReader(self.root)
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw different augmentations each epoch (call before iterating a loader)."""
+        self.epoch = epoch
+
+    def read_bytes(self, i: int) -> bytes:
+        return self._reader.read_bytes(self.shard_names[self.shard_code[i]], self.offset[i], self.nbytes[i])
+
+    def __getitem__(self, i: int) -> PatchBatch:
+        batch = self.__getitems__([i])
+        return PatchBatch(batch.images[0], batch.labels[0], batch.index[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> PatchBatch:
+        idx = np.asarray(indices, dtype=np.int64)
+        ks = np.zeros(len(idx), np.int64)
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, *idx.tolist()])
+            ks = rng.integers(0, 8, len(idx))
+        first = _decode(self.read_bytes(int(idx[0])))
+        h, w = first.shape[:2]
+        if h != w and self.augment:
+            raise ShardError(f"patch {int(idx[0])} is {w}×{h}: augmentation needs square patches")
+        images = np.empty((len(idx), h, w, 3), np.uint8)
+        scratch = np.empty((h, w, 3), np.uint8)
+        for j, (i, k) in enumerate(zip(idx.tolist(), ks.tolist(), strict=True)):
+            try:
+                if j == 0:
+                    img = first
+                elif k == 0:
+                    _decode(self.read_bytes(i), out=images[j])
+                    continue
+                else:
+                    img = _decode(self.read_bytes(i), out=scratch)
+                if k == 0:
+                    images[j] = img
+                else:
+                    dihedral(img, k, out=images[j])
+            except ValueError as err:  # a patch whose size differs from the batch's first
+                shard = self.root / self.shard_names[self.shard_code[i]]
+                raise ShardError(f"{shard} patch at offset {self.offset[i]}: {err}") from err
+        return PatchBatch(torch.from_numpy(images), torch.from_numpy(self.labels[idx]), torch.from_numpy(idx))
+
+
+def _batch_is_item(batch: PatchBatch) -> PatchBatch:
+    """Collate function: :meth:`PatchDataset.__getitems__` already returns a whole batch."""
+    return batch
+
+
+def class_balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """Per-row sampling weights giving each class the same total weight."""
+    labels = np.asarray(labels)
+    weights = np.zeros(len(labels), np.float64)
+    for value in np.unique(labels):
+        sel = labels == value
+        weights[sel] = 1.0 / sel.sum()
+    return weights
+
+
+SAMPLERS = ("weighted", "shuffle", "sequential")
+
+
+def make_sampler(
+    labels: np.ndarray, kind: str, *, num_samples: int | None = None, seed: int = 0, epoch: int = 0
+) -> Sampler[int]:
+    """A row sampler: ``weighted`` (class-balanced, with replacement), ``shuffle`` or ``sequential``.
+
+    ``num_samples`` caps an epoch (default: every row once). The generator is seeded by
+    ``(seed, epoch)`` so a resumed run draws the same rows.
+    """
+    n = len(labels)
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, 3]).generate_state(1)[0]))
+    if kind == "weighted":
+        w = torch.from_numpy(class_balanced_weights(labels))
+        return WeightedRandomSampler(w, num_samples or n, replacement=True, generator=gen)
+    if kind == "shuffle":
+        return RandomSampler(range(n), num_samples=min(num_samples or n, n), generator=gen)
+    if kind == "sequential":
+        return SequentialSampler(range(n))
+    raise ConfigError(f"sampler={kind!r}: choose one of {', '.join(SAMPLERS)}")
+
+
+def make_loader(
+    dataset: PatchDataset,
+    sampler: Sampler[int],
+    *,
+    batch_size: int,
+    num_workers: int = 2,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> DataLoader[PatchBatch]:
+    """A DataLoader yielding :class:`PatchBatch` es (uint8 images, pinned when ``pin_memory``)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_batch_is_item,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,  # workers are re-forked each epoch and see set_epoch()
+    )
+
+
+@dataclass(frozen=True)
+class ColourAugment:
+    """Per-patch colour augmentation applied on the device (all ranges are ± around identity).
+
+    ``brightness``/``contrast``/``saturation``: multiplicative jitter, e.g. 0.1 = ×[0.9, 1.1].
+    ``stain_scale``/``stain_shift``: H&E stain augmentation (Tellez et al. 2018): in the
+    haematoxylin-eosin-DAB optical-density space each stain is scaled by ``1 ± stain_scale`` and
+    shifted by ``± stain_shift`` (scikit-image ``rgb2hed`` units).
+    """
+
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+    stain_scale: float = 0.05
+    stain_shift: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("brightness", "contrast", "saturation", "stain_scale"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"{name}={v} must be in [0, 1)")
+        if not 0.0 <= self.stain_shift <= 0.1:
+            raise ConfigError(f"stain_shift={self.stain_shift} must be in [0, 0.1]")
+
+
+def _uniform(
+    n: int, shape: tuple[int, ...], spread: float, gen: torch.Generator, device: torch.device, centre: float
+) -> torch.Tensor:
+    u = torch.rand((n, *shape), generator=gen, device=device)
+    return centre + (2 * u - 1) * spread
+
+
+def colour_augment(x: torch.Tensor, aug: ColourAugment, gen: torch.Generator) -> torch.Tensor:
+    """Apply :class:`ColourAugment` to a float ``B×3×H×W`` batch in [0, 1] (per-patch draws)."""
+    n, dev = x.shape[0], x.device
+    if aug.stain_scale or aug.stain_shift:
+        hed_from_rgb = _HED_FROM_RGB.to(dev)
+        rgb_from_hed = _RGB_FROM_HED.to(dev)
+        od = -torch.log(x.clamp_min(1e-6))  # B×3×H×W optical density
+        hed = torch.einsum("bchw,cd->bdhw", od, hed_from_rgb)
+        alpha = _uniform(n, (3, 1, 1), aug.stain_scale, gen, dev, 1.0)
+        beta = _uniform(n, (3, 1, 1), aug.stain_shift * _OD_UNIT, gen, dev, 0.0)
+        od = torch.einsum("bdhw,dc->bchw", hed * alpha + beta, rgb_from_hed)
+        x = torch.exp(-od.clamp_min(0.0))
+    if aug.brightness:
+        x = x * _uniform(n, (1, 1, 1), aug.brightness, gen, dev, 1.0)
+    luma = torch.tensor(_LUMA, device=dev).view(1, 3, 1, 1)
+    if aug.contrast:
+        mean = (x * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+        x = (x - mean) * _uniform(n, (1, 1, 1), aug.contrast, gen, dev, 1.0) + mean
+    if aug.saturation:
+        grey = (x * luma).sum(1, keepdim=True)
+        x = (x - grey) * _uniform(n, (1, 1, 1), aug.saturation, gen, dev, 1.0) + grey
+    return x.clamp(0.0, 1.0)
+
+
+def to_model_input(
+    images: torch.Tensor,
+    device: torch.device,
+    *,
+    input_px: int,
+    channels_last: bool = False,
+    augment: ColourAugment | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """uint8 ``B×H×W×3`` patches → the model's normalised float ``B×3×input_px×input_px`` input.
+
+    Moves the batch to ``device`` (non-blocking from pinned memory), resizes when ``input_px``
+    differs from the patch size (antialiased), applies ``augment`` with ``generator`` (a
+    generator on ``device``), normalises with the ImageNet mean and std.
+    """
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-1] != input_px or x.shape[-2] != input_px:
+        x = F.interpolate(x, size=(input_px, input_px), mode="bilinear", antialias=True, align_corners=False)
+    if augment is not None:
+        if generator is None:
+            raise ConfigError("to_model_input: augment needs a generator on the device")
+        x = colour_augment(x, augment, generator)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()

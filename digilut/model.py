@@ -1,0 +1,202 @@
+"""The patch classifier: a torchvision ResNet backbone and a small MLP head, and its checkpoint file.
+
+Pretrained weights are never downloaded at run time. ``weights="auto"`` uses torchvision's
+ImageNet weights when the file is already in the torch hub cache (``$TORCH_HOME/hub/checkpoints``,
+where a container image bakes them in) and otherwise starts from random initialisation, saying so
+in the log; ``"imagenet"`` insists on the cached file; a path loads a local ``state_dict``.
+
+A model file (``*.pt``) is one ``torch.save`` dict, loadable with ``weights_only=True``:
+``{"format", "spec": ModelSpec fields, "state_dict", "meta": {...}}``, written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from digilut.errors import ConfigError, DigilutError
+from digilut.shards import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+class ModelFileError(DigilutError, OSError):
+    """A model file is missing, unreadable or not a digilut model."""
+
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+MODEL_FORMAT = "digilut-patch-classifier/1"
+_WEIGHT_ENUMS = {
+    "resnet18": torchvision.models.ResNet18_Weights,
+    "resnet34": torchvision.models.ResNet34_Weights,
+    "resnet50": torchvision.models.ResNet50_Weights,
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What rebuilds a classifier: backbone, head and the input size it was trained at."""
+
+    arch: str = "resnet18"
+    hidden_units: int = 256  # 0 = a single linear layer after dropout
+    dropout: float = 0.3
+    input_px: int = 256  # patches are resized on the device to input_px × input_px
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch={self.arch!r}: choose one of {', '.join(ARCHS)}")
+        if self.hidden_units < 0:
+            raise ConfigError(f"hidden_units={self.hidden_units} must be ≥ 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if not 32 <= self.input_px <= 1024:
+            raise ConfigError(f"input_px={self.input_px} must be in 32..1024")
+
+
+class PatchClassifier(nn.Module):
+    """ResNet features → (Linear → ReLU →) Dropout → Linear: one lesion logit per patch."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        backbone = getattr(torchvision.models, spec.arch)(weights=None)
+        features = backbone.fc.in_features
+        backbone.fc = nn.Identity()
+        self.backbone = backbone
+        if spec.hidden_units:
+            self.head = nn.Sequential(
+                nn.Linear(features, spec.hidden_units),
+                nn.ReLU(inplace=True),
+                nn.Dropout(spec.dropout),
+                nn.Linear(spec.hidden_units, 1),
+            )
+        else:
+            self.head = nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(features, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x)).squeeze(1)
+
+
+def cached_imagenet_weights(arch: str) -> Path | None:
+    """Path of torchvision's ImageNet weights for ``arch`` in the torch hub cache, or ``None``."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    enum = _WEIGHT_ENUMS[arch]
+    for member in (enum.DEFAULT, *enum):
+        path = folder / Path(member.url).name
+        if path.is_file():
+            return path
+    return None
+
+
+def _load_backbone(model: PatchClassifier, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"weights={path}: cannot load ({err})") from err
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"weights={path} does not fit {model.spec.arch}: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+
+
+def build_model(spec: ModelSpec, weights: str = "auto") -> PatchClassifier:
+    """A new classifier; ``weights`` = ``auto`` | ``imagenet`` | ``none`` | a local ``state_dict`` path."""
+    model = PatchClassifier(spec)
+    if weights == "none":
+        log.info("model: %s with random initialisation (weights=none)", spec.arch)
+        return model
+    if weights in ("auto", "imagenet"):
+        path = cached_imagenet_weights(spec.arch)
+        if path is None:
+            where = Path(torch.hub.get_dir()) / "checkpoints"
+            if weights == "imagenet":
+                raise ConfigError(
+                    f"weights=imagenet: no torchvision {spec.arch} ImageNet file in {where} and digilut "
+                    "never downloads; bake it into the image, pass a local file, or use weights=auto/none"
+                )
+            log.warning(
+                "model: %s ImageNet weights not in %s (no download at run time): RANDOM INITIALISATION",
+                spec.arch,
+                where,
+            )
+            return model
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise ConfigError(f"weights={weights!r}: not auto, imagenet, none, nor an existing file")
+    _load_backbone(model, path)
+    log.info("model: %s backbone initialised from %s", spec.arch, path)
+    return model
+
+
+def save_model(path: str | Path, model: PatchClassifier, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (weights on the CPU) and ``meta`` (plain values) as a model file, atomically."""
+    path = Path(path)
+    module = getattr(model, "_orig_mod", model)  # a torch.compile'd model saves its original
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save(
+        {
+            "format": MODEL_FORMAT,
+            "spec": dataclasses.asdict(module.spec),
+            "state_dict": state,
+            "meta": meta or {},
+        },
+        buf,
+    )
+    atomic_write(path, [buf.getvalue()])
+    return path
+
+
+@dataclass
+class LoadedModel:
+    model: PatchClassifier
+    spec: ModelSpec
+    meta: dict[str, Any]
+    path: Path
+
+
+def load_model(path: str | Path, device: torch.device) -> LoadedModel:
+    """Read a model file written by :func:`save_model` onto ``device``, in eval mode."""
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise ModelFileError(f"{path}: model file not found") from err
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ModelFileError(f"{path}: not a readable model file ({err})") from err
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise ModelFileError(f"{path}: not a digilut model file (expected format {MODEL_FORMAT})")
+    spec = ModelSpec(**blob["spec"])
+    model = PatchClassifier(spec)
+    model.load_state_dict(blob["state_dict"])
+    return LoadedModel(model.to(device).eval(), spec, dict(blob.get("meta", {})), path)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """The device to run on: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device={name!r}: use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r}: no CUDA device here (use auto or cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={name!r}: use auto, cpu, cuda or cuda:N")
+    return device

@@ -1,0 +1,575 @@
+"""Training of one cross-validation fold: ResNet patch classifier, early stopping on validation AUROC.
+
+:func:`train_fold` trains on the training patients of the other folds (the rows kept by negative
+undersampling, ``sampled``) and validates on every patch of fold ``K``'s patients. It writes, in
+``out_dir``::
+
+    model.pt        best model (highest validation AUROC), a digilut model file
+    last.pt         full training state after the last finished epoch (resume point)
+    oof.parquet     out-of-fold predictions: the validation rows + ``prob`` of the best model
+    result.json     :class:`FoldResult` (history, best epoch, figures, MLflow run id)
+    tensorboard/    event files: loss, AUROC, learning rate, a grid of training patches
+
+Every file is written atomically. Re-running the same command resumes from ``last.pt`` (the same
+MLflow run continues), and returns at once when the fold has already finished. Runs are
+deterministic per ``seed`` on the CPU (sampling and augmentation are seeded per epoch, the torch
+RNG state is checkpointed). AMP (bf16) and channels-last are used on CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+from digilut.data import SAMPLERS, ColourAugment, PatchDataset, make_loader, make_sampler, to_model_input
+from digilut.errors import ConfigError, DigilutError
+from digilut.manifest import read_manifest, write_manifest
+from digilut.model import ModelSpec, build_model, save_model
+from digilut.predict import amp_dtype, safe_auroc
+from digilut.shards import atomic_write
+from digilut.tracking import RunHandle, Tracker, TrackingConfig
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("bce", "focal")
+SCHEDULES = ("cosine", "plateau")
+STATE_FORMAT = "digilut-train-state/1"
+# Fields that do not change what is learnt: a resumed run may differ in them.
+_RUNTIME_FIELDS = frozenset({"num_workers", "log_every_steps"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a fold's training (CLI options and pipeline parameters share these names)."""
+
+    arch: str = "resnet18"
+    weights: str = "auto"  # auto | imagenet | none | path of a local state_dict (never downloaded)
+    hidden_units: int = 256
+    dropout: float = 0.3
+    input_px: int = 256  # patches are resized on the device (128 trains ~4× faster on a CPU)
+    loss: str = "bce"  # bce | focal
+    pos_weight: float = 1.0  # BCE weight of positives (the weighted sampler already balances classes)
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25  # -1 disables the class weighting of the focal loss
+    epochs: int = 10
+    patience: int = 3  # early stopping: epochs without a better validation AUROC
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine (per step, 5% warm-up) | plateau (halve on a flat AUROC)
+    sampler: str = "weighted"  # weighted (class-balanced) | shuffle
+    patches_per_epoch: int = 0  # 0 = as many as training rows
+    use_sampled: bool = True  # train on the rows kept by negative undersampling only
+    max_val_patches: int = 0  # 0 = every validation patch; else a fixed random subset
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+    stain_scale: float = 0.05
+    stain_shift: float = 0.01
+    amp: bool = True  # bf16 autocast on CUDA
+    channels_last: bool = True  # on CUDA
+    compile: bool = False  # torch.compile on CUDA
+    num_workers: int = 2
+    seed: int = 0
+    log_every_steps: int = 20
+
+    def __post_init__(self) -> None:
+        self.model_spec()  # validates arch, hidden_units, dropout, input_px
+        self.colour_augment()
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss={self.loss!r}: choose one of {', '.join(LOSSES)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.sampler not in SAMPLERS[:2]:
+            raise ConfigError(f"sampler={self.sampler!r}: choose one of {', '.join(SAMPLERS[:2])}")
+        checks = {
+            "epochs": 1 <= self.epochs <= 1000,
+            "patience": 1 <= self.patience <= 1000,
+            "batch_size": 2 <= self.batch_size <= 8192,
+            "lr": 0 < self.lr < 1,
+            "weight_decay": 0 <= self.weight_decay < 1,
+            "pos_weight": 0 < self.pos_weight <= 1000,
+            "focal_gamma": 0 <= self.focal_gamma <= 10,
+            "focal_alpha": self.focal_alpha == -1 or 0 < self.focal_alpha < 1,
+            "patches_per_epoch": self.patches_per_epoch >= 0,
+            "max_val_patches": self.max_val_patches >= 0,
+            "num_workers": 0 <= self.num_workers <= 64,
+            "log_every_steps": self.log_every_steps >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(
+                ", ".join(f"{b}={getattr(self, b)}" for b in bad)
+                + " out of range (epochs, patience ≥ 1; batch_size 2..8192; 0 < lr < 1; 0 < pos_weight; "
+                "focal_alpha in (0, 1) or -1; counts ≥ 0)"
+            )
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(self.arch, self.hidden_units, self.dropout, self.input_px)
+
+    def colour_augment(self) -> ColourAugment:
+        return ColourAugment(
+            self.brightness, self.contrast, self.saturation, self.stain_scale, self.stain_shift
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUNTIME_FIELDS}
+
+
+@dataclass
+class FoldResult:
+    """What a fold's training produced (``result.json``); file names are relative to its folder."""
+
+    fold: int
+    best_epoch: int
+    best_val_auroc: float
+    best_val_loss: float
+    epochs_run: int
+    finished: bool
+    stopped_early: bool
+    train_patches: int
+    val_patches: int
+    val_positives: int
+    seconds: float
+    device: str
+    mlflow_run_id: str | None
+    config: dict[str, Any]
+    history: list[dict[str, float]]
+    model_file: str = "model.pt"
+    oof_file: str = "oof.parquet"
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        atomic_write(path, [json.dumps(dataclasses.asdict(self), indent=2, allow_nan=True).encode()])
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> FoldResult:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "result.json"
+        return cls(**json.loads(path.read_text()))
+
+
+@dataclass(frozen=True)
+class FoldData:
+    """The training and validation rows of one fold."""
+
+    train: pd.DataFrame
+    val: pd.DataFrame
+
+
+def fold_rows(manifest: pd.DataFrame, fold: int, cfg: TrainConfig) -> FoldData:
+    """Training rows (other folds, ``sampled`` if ``use_sampled``) and validation rows (fold ``fold``)."""
+    missing = [c for c in ("split", "fold", "label") if c not in manifest.columns]
+    if missing:
+        raise ConfigError(
+            f"manifest lacks {', '.join(missing)}: run digilut prepare (with boxes) and digilut split"
+        )
+    train_side = manifest["split"] == "train"
+    folds = sorted(int(f) for f in manifest.loc[train_side, "fold"].unique())
+    if fold not in folds:
+        raise ConfigError(f"fold={fold}: the manifest's training folds are {folds}")
+    val = manifest[train_side & (manifest["fold"] == fold)]
+    keep = train_side & (manifest["fold"] != fold)
+    if cfg.use_sampled and "sampled" in manifest.columns:
+        keep &= manifest["sampled"].astype(bool)
+    train = manifest[keep]
+    if cfg.max_val_patches and len(val) > cfg.max_val_patches:
+        rng = np.random.default_rng([cfg.seed, fold, 5])
+        val = val.iloc[np.sort(rng.choice(len(val), cfg.max_val_patches, replace=False))]
+    if train.empty or train["label"].nunique() < 2:
+        raise ConfigError(
+            f"fold {fold}: the training rows hold {len(train)} patches and "
+            f"{int(train['label'].sum()) if len(train) else 0} positives; training needs both classes"
+        )
+    return FoldData(train.reset_index(drop=True), val.reset_index(drop=True))
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    if cfg.loss == "focal":
+        return sigmoid_focal_loss(logits, y, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, reduction="mean")
+    pw = torch.tensor(cfg.pos_weight, device=logits.device) if cfg.pos_weight != 1.0 else None
+    return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pw)
+
+
+def _cosine(total_steps: int) -> Any:
+    warmup = max(1, round(0.05 * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
+def _seed_for(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _patch_grid(x: torch.Tensor, labels: torch.Tensor, n: int = 32) -> torch.Tensor:
+    """De-normalised model inputs with a red (lesion) or green (no lesion) border, as one image."""
+    from torchvision.utils import make_grid
+
+    from digilut.data import IMAGENET_MEAN, IMAGENET_STD
+
+    x = x[:n].detach().float().cpu()
+    x = x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    x = F.pad(x.clamp(0, 1), (3, 3, 3, 3))
+    colour = torch.where(labels[:n].view(-1, 1) > 0.5, torch.tensor([1.0, 0, 0]), torch.tensor([0, 0.8, 0]))
+    border = torch.ones_like(x[:, :1], dtype=torch.bool)
+    border[..., 3:-3, 3:-3] = False
+    x = torch.where(border, colour.view(-1, 3, 1, 1), x)
+    return make_grid(x, nrow=8, padding=2)
+
+
+@torch.no_grad()
+def _validate(
+    model: torch.nn.Module,
+    loader: Any,
+    device: torch.device,
+    cfg: TrainConfig,
+    use_amp: bool,
+    channels_last: bool,
+    n: int,
+) -> tuple[np.ndarray, float]:
+    model.eval()
+    probs = np.zeros(n, np.float32)
+    loss_sum = 0.0
+    for batch in loader:
+        x = to_model_input(batch.images, device, input_px=cfg.input_px, channels_last=channels_last)
+        y = batch.labels.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=use_amp):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += float(F.binary_cross_entropy_with_logits(logits, y, reduction="sum"))
+        probs[batch.index.numpy()] = torch.sigmoid(logits).cpu().numpy()
+    return probs, loss_sum / max(n, 1)
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, [buf.getvalue()])
+
+
+def _load_state(path: Path, cfg: TrainConfig) -> dict[str, Any] | None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        log.warning("%s unreadable (%s): training from scratch", path, err)
+        return None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        log.warning("%s is not a digilut training state: training from scratch", path)
+        return None
+    if state["config"] != cfg.fingerprint():
+        changed = sorted(k for k, v in cfg.fingerprint().items() if state["config"].get(k) != v)
+        log.warning(
+            "%s was trained with other settings (%s): training from scratch", path, ", ".join(changed)
+        )
+        return None
+    return state
+
+
+def train_fold(
+    manifest: str | Path,
+    fold: int,
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    tracker: Tracker | None = None,
+    parent: RunHandle | None = None,
+    max_epochs_this_run: int | None = None,
+) -> FoldResult:
+    """Train fold ``fold`` of the split ``manifest`` into ``out_dir`` (see the module docstring).
+
+    ``tracker``/``parent``: MLflow child run of ``parent`` (params, per-epoch metrics, the model).
+    ``max_epochs_this_run`` stops after that many epochs (time-sliced jobs); a later call resumes.
+    """
+    t_start = time.perf_counter()
+    manifest = Path(manifest)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = read_manifest(manifest)
+    root = manifest.parent if manifest.suffix else manifest
+    data = fold_rows(df, fold, cfg)
+    state_path = out_dir / "last.pt"
+    state = _load_state(state_path, cfg) if state_path.is_file() else None
+    if state is not None and state["finished"] and (out_dir / "result.json").is_file():
+        log.info("fold %d: already trained in %s (best epoch %d)", fold, out_dir, state["best_epoch"])
+        return FoldResult.load(out_dir / "result.json")
+
+    torch.manual_seed(cfg.seed)
+    use_cuda = device.type == "cuda"
+    use_amp = cfg.amp and use_cuda
+    channels_last = cfg.channels_last and use_cuda
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True
+    model = build_model(cfg.model_spec(), cfg.weights).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if cfg.compile and use_cuda else model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    per_epoch = cfg.patches_per_epoch or len(data.train)
+    drop_last = per_epoch > cfg.batch_size
+    steps_per_epoch = per_epoch // cfg.batch_size if drop_last else 1
+    sched: Any
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg.epochs * steps_per_epoch))
+    else:
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=1)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype(device) == torch.float16)
+
+    history: list[dict[str, float]] = []
+    best_auroc, best_loss, best_epoch, bad_epochs, start_epoch = -math.inf, math.inf, -1, 0, 0
+    run_id: str | None = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        history = list(state["history"])
+        best_auroc, best_loss, best_epoch = state["best_auroc"], state["best_loss"], state["best_epoch"]
+        bad_epochs, start_epoch, run_id = state["bad_epochs"], state["epoch"] + 1, state["mlflow_run_id"]
+        log.info("fold %d: resuming at epoch %d from %s", fold, start_epoch, state_path)
+
+    tracker = tracker or Tracker(TrackingConfig())
+    run = tracker.start_run(
+        f"fold{fold}",
+        parent=parent,
+        run_id=run_id,
+        tags={"digilut.fold": str(fold), "digilut.manifest": str(manifest)},
+    )
+    train_set = PatchDataset(root, data.train, augment=True, seed=cfg.seed)
+    val_set = PatchDataset(root, data.val, augment=False)
+    n_val_pos = int(data.val["label"].sum())
+    tracker.log_params(
+        run,
+        {
+            **cfg.fingerprint(),
+            "fold": fold,
+            "train_patches": len(data.train),
+            "val_patches": len(data.val),
+            "val_positives": n_val_pos,
+            "device": str(device),
+        },
+    )
+    augment = cfg.colour_augment()
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_epoch * steps_per_epoch or None)
+    log.info(
+        "fold %d: %d training patches (%d positive), %d validation patches (%d positive), %s × %d epochs, "
+        "%d steps/epoch on %s (amp=%s, channels_last=%s)",
+        fold,
+        len(data.train),
+        int(data.train["label"].sum()),
+        len(data.val),
+        n_val_pos,
+        cfg.arch,
+        cfg.epochs,
+        steps_per_epoch,
+        device,
+        use_amp,
+        channels_last,
+    )
+    if n_val_pos in (0, len(data.val)):
+        log.warning(
+            "fold %d: validation has a single class: AUROC undefined, selecting on validation loss", fold
+        )
+    epoch = start_epoch - 1
+    finished = bool(state and state["finished"])  # finished, but result.json was not written
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if finished or (max_epochs_this_run is not None and epoch - start_epoch >= max_epochs_this_run):
+                epoch -= 1
+                break
+            t0 = time.perf_counter()
+            model.train()
+            train_set.set_epoch(epoch)
+            sampler = make_sampler(
+                train_set.labels, cfg.sampler, num_samples=per_epoch, seed=cfg.seed, epoch=epoch
+            )
+            loader = make_loader(
+                train_set,
+                sampler,
+                batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers,
+                pin_memory=use_cuda,
+                drop_last=drop_last,
+            )
+            gen = torch.Generator(device).manual_seed(_seed_for(cfg.seed, epoch, 17))
+            loss_sum, seen = 0.0, 0
+            for step, batch in enumerate(loader):
+                x = to_model_input(
+                    batch.images,
+                    device,
+                    input_px=cfg.input_px,
+                    channels_last=channels_last,
+                    augment=augment,
+                    generator=gen,
+                )
+                y = batch.labels.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype(device), enabled=use_amp):
+                    logits = forward(x)
+                loss = _loss(logits.float(), y, cfg)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                if cfg.schedule == "cosine":
+                    sched.step()
+                loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+                global_step = epoch * steps_per_epoch + step
+                if step % cfg.log_every_steps == 0:
+                    writer.add_scalar("train/loss_step", float(loss.detach()), global_step)
+                    writer.add_scalar("train/lr", opt.param_groups[0]["lr"], global_step)
+                if step == 0 and epoch == start_epoch:
+                    writer.add_image(
+                        "patches/train (red border = lesion)", _patch_grid(x, batch.labels), epoch
+                    )
+            train_s = time.perf_counter() - t0
+            probs, val_loss = _validate(
+                forward,
+                make_loader(
+                    val_set,
+                    make_sampler(val_set.labels, "sequential"),
+                    batch_size=cfg.batch_size * 2,
+                    num_workers=cfg.num_workers,
+                    pin_memory=use_cuda,
+                ),
+                device,
+                cfg,
+                use_amp,
+                channels_last,
+                len(val_set),
+            )
+            auroc = safe_auroc(data.val["label"].to_numpy(), probs)
+            if cfg.schedule == "plateau":
+                sched.step(auroc if math.isfinite(auroc) else -val_loss)
+            row = {
+                "epoch": epoch,
+                "train_loss": loss_sum / max(seen, 1),
+                "val_loss": val_loss,
+                "val_auroc": auroc,
+                "lr": opt.param_groups[0]["lr"],
+                "train_images_per_s": seen / max(train_s, 1e-9),
+                "epoch_s": time.perf_counter() - t0,
+            }
+            history.append(row)
+            for key in ("train_loss", "val_loss", "val_auroc", "lr", "train_images_per_s"):
+                if math.isfinite(row[key]):
+                    writer.add_scalar(f"epoch/{key}", row[key], epoch)
+            writer.flush()
+            tracker.log_metrics(run, {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            improved = (
+                auroc > best_auroc if math.isfinite(auroc) else (best_epoch < 0 or val_loss < best_loss)
+            )
+            if improved:
+                best_auroc, best_loss, best_epoch, bad_epochs = auroc, val_loss, epoch, 0
+                save_model(
+                    out_dir / "model.pt",
+                    model,
+                    {
+                        "fold": fold,
+                        "epoch": epoch,
+                        "val_auroc": auroc,
+                        "val_loss": val_loss,
+                        "config": json.dumps(cfg.fingerprint()),
+                    },
+                )
+                write_manifest(data.val.assign(prob=probs, oof_fold=fold), out_dir / "oof.parquet")
+            else:
+                bad_epochs += 1
+            stop = bad_epochs >= cfg.patience
+            finished = stop or epoch == cfg.epochs - 1
+            log.info(
+                "fold %d epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f%s; %.0f img/s, %.0fs",
+                fold,
+                epoch,
+                row["train_loss"],
+                val_loss,
+                auroc,
+                " (best)" if improved else "",
+                row["train_images_per_s"],
+                row["epoch_s"],
+            )
+            _save_state(
+                state_path,
+                {
+                    "format": STATE_FORMAT,
+                    "config": cfg.fingerprint(),
+                    "epoch": epoch,
+                    "finished": finished,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "history": history,
+                    "best_auroc": best_auroc,
+                    "best_loss": best_loss,
+                    "best_epoch": best_epoch,
+                    "bad_epochs": bad_epochs,
+                    "mlflow_run_id": run.run_id or run_id,
+                },
+            )
+            if stop:
+                log.info(
+                    "fold %d: no better AUROC for %d epochs: early stop at epoch %d",
+                    fold,
+                    cfg.patience,
+                    epoch,
+                )
+                break
+    except BaseException:
+        tracker.end_run(run, "FAILED")
+        writer.close()
+        raise
+    writer.close()
+    if best_epoch < 0:
+        raise DigilutError(f"fold {fold}: no epoch finished (max_epochs_this_run={max_epochs_this_run})")
+    result = FoldResult(
+        fold=fold,
+        best_epoch=best_epoch,
+        best_val_auroc=best_auroc,
+        best_val_loss=best_loss,
+        epochs_run=len(history),
+        finished=finished,
+        stopped_early=finished and epoch < cfg.epochs - 1,
+        train_patches=len(data.train),
+        val_patches=len(data.val),
+        val_positives=n_val_pos,
+        seconds=time.perf_counter() - t_start,
+        device=str(device),
+        mlflow_run_id=run.run_id or run_id,
+        config=cfg.fingerprint(),
+        history=history,
+    )
+    result.save(out_dir / "result.json")
+    if finished:
+        tracker.log_metrics(run, {"best_val_auroc": best_auroc, "best_epoch": best_epoch}, step=best_epoch)
+        tracker.log_model(run, out_dir / "model.pt")
+        tracker.log_artifacts(run, out_dir / "oof.parquet")
+        tracker.log_artifacts(run, out_dir / "result.json")
+        tracker.end_run(run, "FINISHED")
+    return result

@@ -1,0 +1,123 @@
+"""Patch classifier construction, weight loading (never downloading) and model files."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from digilut.errors import ConfigError
+from digilut.model import (
+    ModelFileError,
+    ModelSpec,
+    build_model,
+    cached_imagenet_weights,
+    load_model,
+    save_model,
+    select_device,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: tiny CPU models run faster so, and do not stall on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def empty_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def test_classifier_gives_one_logit_per_patch() -> None:
+    for hidden in (0, 32):
+        model = build_model(ModelSpec("resnet18", hidden_units=hidden, input_px=64), "none").eval()
+        assert model(torch.zeros(3, 3, 64, 64)).shape == (3,)
+
+
+def test_auto_weights_fall_back_to_random_init_with_a_warning(
+    empty_torch_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert cached_imagenet_weights("resnet18") is None
+    with caplog.at_level(logging.WARNING, logger="digilut.model"):
+        build_model(ModelSpec(), "auto")
+    assert "RANDOM INITIALISATION" in caplog.text and str(empty_torch_home) in caplog.text
+
+
+def test_imagenet_weights_are_required_when_asked_for(empty_torch_home: Path) -> None:
+    with pytest.raises(ConfigError, match="never downloads"):
+        build_model(ModelSpec(), "imagenet")
+
+
+def test_cached_torchvision_file_is_used_without_download(empty_torch_home: Path) -> None:
+    reference = torchvision.models.resnet18()
+    name = Path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name
+    empty_torch_home.mkdir(parents=True)
+    torch.save(reference.state_dict(), empty_torch_home / name)
+    assert cached_imagenet_weights("resnet18") == empty_torch_home / name
+    model = build_model(ModelSpec(), "auto")
+    torch.testing.assert_close(model.backbone.conv1.weight, reference.conv1.weight)
+
+
+def test_local_weights_file_must_fit_the_architecture(tmp_path: Path) -> None:
+    path = tmp_path / "r34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), path)
+    model = build_model(ModelSpec("resnet34", input_px=64), str(path))
+    assert model.spec.arch == "resnet34"
+    with pytest.raises(ConfigError, match="does not fit resnet18"):
+        build_model(ModelSpec("resnet18"), str(path))
+    with pytest.raises(ConfigError, match="nor an existing file"):
+        build_model(ModelSpec(), str(tmp_path / "missing.pth"))
+
+
+def test_model_file_roundtrip_predicts_the_same(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(hidden_units=16, input_px=64), "none").eval()
+    path = save_model(tmp_path / "m.pt", model, {"fold": 2})
+    loaded = load_model(path, torch.device("cpu"))
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(loaded.model(x), model(x))
+    assert loaded.spec == model.spec and loaded.meta == {"fold": 2} and not loaded.model.training
+
+
+def test_bad_model_files_raise_model_file_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "none.pt", torch.device("cpu"))
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(ModelFileError, match=r"junk\.pt"):
+        load_model(tmp_path / "junk.pt", torch.device("cpu"))
+    torch.save({"format": "other"}, tmp_path / "other.pt")
+    with pytest.raises(ModelFileError, match="not a digilut model"):
+        load_model(tmp_path / "other.pt", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"arch": "vgg16"}, "arch='vgg16'"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"input_px": 16}, "input_px=16"),
+        ({"hidden_units": -1}, "hidden_units"),
+    ],
+)
+def test_model_spec_validation(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        ModelSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_select_device() -> None:
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="bogus"):
+        select_device("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA"):
+            select_device("cuda")

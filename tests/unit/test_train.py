@@ -1,0 +1,185 @@
+"""Training of one fold on a tiny patch set, on the CPU: outputs, determinism, resume, early stopping."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from patch_fixtures import make_patch_manifest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from digilut.errors import ConfigError
+from digilut.manifest import read_manifest
+from digilut.model import load_model
+from digilut.predict import PredictConfig, patch_metrics, predict_patches
+from digilut.train import FoldResult, TrainConfig, _loss, fold_rows, train_fold
+
+CPU = torch.device("cpu")
+TINY = TrainConfig(
+    input_px=64, epochs=2, batch_size=16, num_workers=0, weights="none", hidden_units=32, lr=1e-3
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: tiny CPU models run faster so, and do not stall on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_patch_manifest(tmp_path_factory.mktemp("data"), patients=5, grid=5, px=64, folds=2)
+
+
+@pytest.fixture(scope="module")
+def trained(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FoldResult]:
+    out = tmp_path_factory.mktemp("fold0")
+    return out, train_fold(manifest, 0, out, TINY, CPU)
+
+
+def test_fold_writes_model_oof_result_and_tensorboard(
+    trained: tuple[Path, FoldResult], manifest: Path
+) -> None:
+    out, result = trained
+    assert {"model.pt", "last.pt", "oof.parquet", "result.json"} <= {p.name for p in out.iterdir()}
+    assert result.epochs_run == 2 and result.finished and len(result.history) == 2
+    assert FoldResult.load(out) == result
+    oof = read_manifest(out / "oof.parquet")
+    df = read_manifest(manifest)
+    val = df[(df["split"] == "train") & (df["fold"] == 0)]
+    assert len(oof) == len(val) == result.val_patches
+    assert set(oof["patient"]) == set(val["patient"]) and oof["prob"].between(0, 1).all()
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    assert {"epoch/train_loss", "epoch/val_auroc", "epoch/lr", "train/loss_step"} <= set(tags["scalars"])
+    assert any(t.startswith("patches/train") for t in tags["images"])
+    assert [e.step for e in events.Scalars("epoch/val_auroc")] == [0, 1]
+
+
+def test_tiny_model_learns_the_lesions(trained: tuple[Path, FoldResult]) -> None:
+    out, result = trained
+    assert result.best_val_auroc > 0.9
+    oof = read_manifest(out / "oof.parquet")
+    assert patch_metrics(oof["label"].to_numpy(), oof["prob"].to_numpy()).auroc == pytest.approx(
+        result.best_val_auroc
+    )
+
+
+def test_best_model_predicts_held_out_patients(trained: tuple[Path, FoldResult], manifest: Path) -> None:
+    out, _ = trained
+    df = read_manifest(manifest)
+    test = df[df["split"] == "test"].sample(frac=1.0, random_state=0)  # order must be kept, not assumed
+    pred = predict_patches(test, manifest.parent, [out / "model.pt"], PredictConfig(num_workers=0), CPU)
+    assert list(pred["offset"]) == list(test["offset"]) and pred["prob"].notna().all()
+    assert patch_metrics(pred["label"].to_numpy(), pred["prob"].to_numpy()).auroc > 0.9
+
+
+def test_interrupted_run_resumes_to_the_same_weights(
+    trained: tuple[Path, FoldResult], manifest: Path, tmp_path: Path
+) -> None:
+    out, straight = trained
+    first = train_fold(manifest, 0, tmp_path, TINY, CPU, max_epochs_this_run=1)
+    assert first.epochs_run == 1 and not first.finished
+    resumed = train_fold(manifest, 0, tmp_path, TINY, CPU)
+    assert resumed.finished and [h["epoch"] for h in resumed.history] == [0, 1]
+    for key in ("train_loss", "val_loss", "val_auroc"):
+        assert [h[key] for h in resumed.history] == [h[key] for h in straight.history]
+    a = load_model(out / "model.pt", CPU).model.state_dict()
+    b = load_model(tmp_path / "model.pt", CPU).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic per seed, across the resume
+
+
+def test_finished_fold_is_not_retrained(trained: tuple[Path, FoldResult], manifest: Path) -> None:
+    out, result = trained
+    stamp = (out / "model.pt").stat().st_mtime_ns
+    again = train_fold(manifest, 0, out, dataclasses.replace(TINY, num_workers=1), CPU)
+    assert again == result and (out / "model.pt").stat().st_mtime_ns == stamp
+
+
+def test_changed_settings_restart_from_scratch(
+    manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = dataclasses.replace(TINY, epochs=1, patches_per_epoch=16)
+    train_fold(manifest, 1, tmp_path, cfg, CPU)
+    with caplog.at_level(logging.WARNING, logger="digilut.train"):
+        result = train_fold(manifest, 1, tmp_path, dataclasses.replace(cfg, lr=5e-4), CPU)
+    assert "other settings (lr)" in caplog.text
+    assert result.config["lr"] == 5e-4 and result.epochs_run == 1
+
+
+def test_fold_rows_keep_patients_apart_and_use_sampled_rows(manifest: Path) -> None:
+    df = read_manifest(manifest)
+    df.loc[df.index[::3], "sampled"] = False
+    data = fold_rows(df, 1, TINY)
+    assert not set(data.train["patient"]) & set(data.val["patient"])
+    assert data.train["sampled"].all() and (data.train["fold"] == 0).all()
+    assert (data.val["fold"] == 1).all() and not data.val["sampled"].all()  # validation keeps every patch
+    assert "test" not in set(data.train["split"]) | set(data.val["split"])
+    capped = fold_rows(df, 1, dataclasses.replace(TINY, max_val_patches=7))
+    assert len(capped.val) == 7
+
+
+def test_fold_rows_errors_name_what_is_wrong(manifest: Path) -> None:
+    df = read_manifest(manifest)
+    with pytest.raises(ConfigError, match=r"fold=5: the manifest's training folds are \[0, 1\]"):
+        fold_rows(df, 5, TINY)
+    with pytest.raises(ConfigError, match="digilut split"):
+        fold_rows(df.drop(columns=["fold"]), 0, TINY)
+    with pytest.raises(ConfigError, match="both classes"):
+        fold_rows(df.assign(label=0), 0, TINY)
+
+
+def test_losses_weight_positives_and_focus_on_hard_examples() -> None:
+    logits = torch.tensor([2.0, -2.0, 0.1])
+    y = torch.tensor([1.0, 0.0, 1.0])
+    bce = _loss(logits, y, TINY)
+    assert _loss(logits, y, dataclasses.replace(TINY, pos_weight=5.0)) > bce
+    focal = _loss(logits, y, dataclasses.replace(TINY, loss="focal", focal_alpha=-1))
+    assert 0 < focal < bce  # focal down-weights the two easy examples
+
+
+def test_focal_plateau_run_finishes(manifest: Path, tmp_path: Path) -> None:
+    cfg = dataclasses.replace(TINY, loss="focal", schedule="plateau", epochs=1, patches_per_epoch=32)
+    result = train_fold(manifest, 1, tmp_path, cfg, CPU)
+    assert result.finished and np.isfinite(result.history[0]["train_loss"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss": "mse"}, "loss='mse'"),
+        ({"schedule": "step"}, "schedule='step'"),
+        ({"sampler": "sequential"}, "sampler='sequential'"),
+        ({"epochs": 0}, "epochs=0"),
+        ({"lr": 2.0}, "lr=2.0"),
+        ({"arch": "resnet101"}, "arch='resnet101'"),
+        ({"input_px": 8}, "input_px=8"),
+        ({"stain_scale": 2.0}, "stain_scale=2.0"),
+        ({"focal_alpha": 0.0}, "focal_alpha=0.0"),
+    ],
+)
+def test_train_config_validation(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_single_class_validation_selects_on_loss(manifest: Path, tmp_path: Path) -> None:
+    df = read_manifest(manifest)
+    df.loc[(df["fold"] == 1), "label"] = 0  # fold 1's validation patients have no lesion
+    path = tmp_path / "data" / "manifest.parquet"
+    path.parent.mkdir()
+    (path.parent / "shards").symlink_to(manifest.parent / "shards")
+    pd.DataFrame(df).to_parquet(path)
+    result = train_fold(
+        path, 1, tmp_path / "out", dataclasses.replace(TINY, epochs=1, patches_per_epoch=16), CPU
+    )
+    assert np.isnan(result.best_val_auroc) and result.best_epoch == 0
