@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def _parse_ints(
 def read_boxes_csv(
     path: str | Path,
     *,
-    images_dir: str | Path | None = None,
+    slides: Collection[str] | None = None,
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
 ) -> Table:
     """Read and validate a DigiLut training-box CSV.
@@ -160,7 +161,8 @@ def read_boxes_csv(
     non-integer or empty coordinate, ``x1 >= x2`` or ``y1 >= y2`` (inverted or zero-area), a box
     entirely outside ``[0, max_x) × [0, max_y)``, an aspect ratio above ``max_aspect_ratio``, an
     exact duplicate of an earlier row, a slide whose ``max_x``/``max_y`` disagree with its earlier
-    rows, and (when ``images_dir`` is given) a slide that is not on disk. A box that only overshoots
+    rows, and (when ``slides`` is given: those found on disk or in the bucket) a slide not among
+    them. A box that only overshoots
     the slide edge (the real CSV has one, 159 px past ``max_x``) is clipped and kept, with a note.
     """
     path = Path(path)
@@ -170,7 +172,7 @@ def read_boxes_csv(
     keep = np.ones(len(df), dtype=bool)
     seen: set[tuple[object, ...]] = set()
     dims: dict[str, tuple[int, int]] = {}
-    on_disk = _slides_on_disk(images_dir) if images_dir is not None else None
+    on_disk = set(slides) if slides is not None else None
     for i, r in enumerate(df.itertuples(index=False)):
         line, name = int(r.csv_line), str(r.filename)
 
@@ -205,7 +207,7 @@ def read_boxes_csv(
             drop(f"max_x={r.max_x}, max_y={r.max_y} disagree with earlier rows of this slide ({prev})")
             continue
         if on_disk is not None and name not in on_disk:
-            drop(f"slide {name} is not in {images_dir}")
+            drop(f"slide {name} is not among the {len(on_disk)} slides found")
             continue
         if r.x1 < 0 or r.y1 < 0 or r.x2 > r.max_x or r.y2 > r.max_y:
             problems.append(

@@ -431,7 +431,7 @@ def prepare_dataset(
     problems: list[str] = []
     csv = data_dir / "train.csv"
     if csv.is_file():
-        table = read_boxes_csv(csv, images_dir=images)
+        table = read_boxes_csv(csv, slides=[p.name for p in slides])
         table.log_problems()
         problems = [str(p) for p in table.problems]
         manifest = label_patches(manifest, table.rows, label_cfg or LabelConfig())

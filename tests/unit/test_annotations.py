@@ -5,6 +5,7 @@ import pytest
 from digilut.annotations import (
     check_slide_name,
     expected_counts,
+    list_slides,
     patient_of,
     read_boxes_csv,
     read_test_list,
@@ -69,9 +70,9 @@ def test_boxes_for_slides_not_on_disk_are_dropped(tmp_path):
     images.mkdir()
     (images / "a_a.tif").write_bytes(b"x")
     text = HEADER + "a_a.tif,1,20,1,20,1000,1000\nb_a.tif,1,20,1,20,1000,1000\n"
-    table = read_boxes_csv(write(tmp_path, text), images_dir=images)
+    table = read_boxes_csv(write(tmp_path, text), slides=list_slides(images))
     assert table.rows.filename.tolist() == ["a_a.tif"]
-    assert "b_a.tif is not in" in str(table.problems[0])
+    assert "b_a.tif is not among the 1 slides found" in str(table.problems[0])
 
 
 def test_newline_in_a_quoted_file_name_is_refused(tmp_path):

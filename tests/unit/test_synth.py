@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import tifffile
 
-from digilut.annotations import read_boxes_csv
+from digilut.annotations import list_slides, read_boxes_csv
 from digilut.errors import ConfigError
 from digilut.synth import SynthConfig, plan_slide, synth_dataset
 
@@ -14,7 +14,7 @@ from digilut.synth import SynthConfig, plan_slide, synth_dataset
 def test_dataset_layout_csv_and_pyramid(tiny_data):
     slides = sorted(p.name for p in (tiny_data / "images").iterdir())
     assert len(slides) == 6 and all(s.endswith(("_a.tif", "_b.tif")) for s in slides)
-    table = read_boxes_csv(tiny_data / "train.csv", images_dir=tiny_data / "images")
+    table = read_boxes_csv(tiny_data / "train.csv", slides=list_slides(tiny_data / "images"))
     assert not table.problems and len(table.rows) >= 1
     path = tiny_data / "images" / slides[0]
     with tifffile.TiffFile(path) as tif:
