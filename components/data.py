@@ -1,0 +1,104 @@
+"""Data components: ingest, extract (one batch), merge, label, split.
+
+No ``from __future__ import annotations`` here: KFP reads the real annotation objects.
+"""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from digilut.images import image
+
+BASE = image("base")
+
+
+@dsl.component(base_image=BASE, install_kfp_package=False)
+def ingest(data_uri: str, batch_size: int, annotations: Output[Dataset]) -> list:
+    """List the slides and validate train.csv of DATA (folder or s3:// prefix); return the batches."""
+    from pathlib import Path
+
+    from digilut.steps import ingest_step
+
+    return ingest_step(data_uri, Path(annotations.path), batch_size=batch_size)
+
+
+@dsl.component(base_image=BASE, install_kfp_package=False)
+def extract(
+    data_uri: str,
+    slides: list,
+    patch_px: int,
+    target_mpp: float,
+    stride_px: int,
+    min_tissue_fraction: float,
+    tissue_threshold: int,
+    extracted: Output[Dataset],
+):
+    """Extract one batch of slides into shards; a bad slide is reported in report.json, not fatal."""
+    from pathlib import Path
+
+    from digilut.extract import ExtractConfig
+    from digilut.steps import extract_step
+
+    cfg = ExtractConfig(
+        patch_px=patch_px,
+        target_mpp=target_mpp,
+        stride_px=stride_px,
+        min_tissue_fraction=min_tissue_fraction,
+        tissue_threshold=tissue_threshold,
+    )
+    report = extract_step(data_uri, slides, Path(extracted.path), cfg)
+    extracted.metadata.update({"patches": report.patches, "failed": report.failed})
+
+
+@dsl.component(base_image=BASE, install_kfp_package=False)
+def merge(extracted: Input[list[Dataset]], patches: Output[Dataset], thumbnails: Output[Dataset]):
+    """Merge the extraction batches into one patch set (manifest + shards) and the thumbnails."""
+    from pathlib import Path
+
+    from digilut.steps import merge_step
+
+    report = merge_step([Path(e.path) for e in extracted], Path(patches.path), Path(thumbnails.path))
+    patches.metadata.update(
+        {"patches": report.patches, "slides": len(report.slides), "failed": report.failed}
+    )
+
+
+@dsl.component(base_image=BASE, install_kfp_package=False)
+def label(
+    patches: Input[Dataset],
+    annotations: Input[Dataset],
+    label_mode: str,
+    label_min_overlap: float,
+    labels: Output[Dataset],
+):
+    """Label every patch by its overlap with the slide's boxes."""
+    from pathlib import Path
+
+    from digilut.labels import LabelConfig
+    from digilut.steps import label_step
+
+    df = label_step(
+        Path(patches.path),
+        Path(annotations.path),
+        Path(labels.path),
+        LabelConfig(mode=label_mode, min_overlap=label_min_overlap),
+    )
+    labels.metadata.update({"patches": len(df), "positives": int(df["label"].sum())})
+
+
+@dsl.component(base_image=BASE, install_kfp_package=False)
+def split_patients(
+    labels: Input[Dataset],
+    test_fraction: float,
+    folds: int,
+    neg_per_pos: float,
+    seed: int,
+    split: Output[Dataset],
+) -> list:
+    """Split patients into train/test, undersample negatives, assign folds; return the fold ids."""
+    from pathlib import Path
+
+    from digilut.split import SplitConfig
+    from digilut.steps import split_step
+
+    cfg = SplitConfig(test_fraction=test_fraction, folds=folds, neg_per_pos=neg_per_pos, seed=seed)
+    return split_step(Path(labels.path), Path(split.path), cfg)
