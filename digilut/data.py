@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,6 +39,7 @@ from torch.utils.data import (
 
 from digilut.errors import ConfigError, ShardError
 from digilut.shards import ShardReader, decode_jpeg
+from digilut.train_config import SAMPLERS, ColourAugment
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +176,6 @@ def class_balanced_weights(labels: np.ndarray) -> np.ndarray:
     return weights
 
 
-SAMPLERS = ("weighted", "shuffle", "sequential")
-
-
 def make_sampler(
     labels: np.ndarray, kind: str, *, num_samples: int | None = None, seed: int = 0, epoch: int = 0
 ) -> Sampler[int]:
@@ -220,31 +217,6 @@ def make_loader(
         prefetch_factor=4 if num_workers else None,
         persistent_workers=False,  # workers are re-forked each epoch and see set_epoch()
     )
-
-
-@dataclass(frozen=True)
-class ColourAugment:
-    """Per-patch colour augmentation applied on the device (all ranges are ± around identity).
-
-    ``brightness``/``contrast``/``saturation``: multiplicative jitter, e.g. 0.1 = ×[0.9, 1.1].
-    ``stain_scale``/``stain_shift``: H&E stain augmentation (Tellez et al. 2018): in the
-    haematoxylin-eosin-DAB optical-density space each stain is scaled by ``1 ± stain_scale`` and
-    shifted by ``± stain_shift`` (scikit-image ``rgb2hed`` units).
-    """
-
-    brightness: float = 0.1
-    contrast: float = 0.1
-    saturation: float = 0.1
-    stain_scale: float = 0.05
-    stain_shift: float = 0.01
-
-    def __post_init__(self) -> None:
-        for name in ("brightness", "contrast", "saturation", "stain_scale"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise ConfigError(f"{name}={v} must be in [0, 1)")
-        if not 0.0 <= self.stain_shift <= 0.1:
-            raise ConfigError(f"stain_shift={self.stain_shift} must be in [0, 0.1]")
 
 
 def _uniform(

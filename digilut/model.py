@@ -25,6 +25,7 @@ from torch import nn
 
 from digilut.errors import ConfigError, DigilutError
 from digilut.shards import atomic_write
+from digilut.train_config import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -33,33 +34,12 @@ class ModelFileError(DigilutError, OSError):
     """A model file is missing, unreadable or not a digilut model."""
 
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
 MODEL_FORMAT = "digilut-patch-classifier/1"
 _WEIGHT_ENUMS = {
     "resnet18": torchvision.models.ResNet18_Weights,
     "resnet34": torchvision.models.ResNet34_Weights,
     "resnet50": torchvision.models.ResNet50_Weights,
 }
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What rebuilds a classifier: backbone, head and the input size it was trained at."""
-
-    arch: str = "resnet18"
-    hidden_units: int = 256  # 0 = a single linear layer after dropout
-    dropout: float = 0.3
-    input_px: int = 256  # patches are resized on the device to input_px × input_px
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ConfigError(f"arch={self.arch!r}: choose one of {', '.join(ARCHS)}")
-        if self.hidden_units < 0:
-            raise ConfigError(f"hidden_units={self.hidden_units} must be ≥ 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
-        if not 32 <= self.input_px <= 1024:
-            raise ConfigError(f"input_px={self.input_px} must be in 32..1024")
 
 
 class PatchClassifier(nn.Module):

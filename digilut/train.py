@@ -35,99 +35,18 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-from digilut.data import SAMPLERS, ColourAugment, PatchDataset, make_loader, make_sampler, to_model_input
+from digilut.data import PatchDataset, make_loader, make_sampler, to_model_input
 from digilut.errors import ConfigError, DigilutError
 from digilut.manifest import read_manifest, write_manifest
-from digilut.model import ModelSpec, build_model, save_model
+from digilut.model import build_model, save_model
 from digilut.predict import amp_dtype, safe_auroc
 from digilut.shards import atomic_write
 from digilut.tracking import RunHandle, Tracker, TrackingConfig
+from digilut.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("bce", "focal")
-SCHEDULES = ("cosine", "plateau")
 STATE_FORMAT = "digilut-train-state/1"
-# Fields that do not change what is learnt: a resumed run may differ in them.
-_RUNTIME_FIELDS = frozenset({"num_workers", "log_every_steps"})
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides a fold's training (CLI options and pipeline parameters share these names)."""
-
-    arch: str = "resnet18"
-    weights: str = "auto"  # auto | imagenet | none | path of a local state_dict (never downloaded)
-    hidden_units: int = 256
-    dropout: float = 0.3
-    input_px: int = 256  # patches are resized on the device (128 trains ~4× faster on a CPU)
-    loss: str = "bce"  # bce | focal
-    pos_weight: float = 1.0  # BCE weight of positives (the weighted sampler already balances classes)
-    focal_gamma: float = 2.0
-    focal_alpha: float = 0.25  # -1 disables the class weighting of the focal loss
-    epochs: int = 10
-    patience: int = 3  # early stopping: epochs without a better validation AUROC
-    batch_size: int = 64
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"  # cosine (per step, 5% warm-up) | plateau (halve on a flat AUROC)
-    sampler: str = "weighted"  # weighted (class-balanced) | shuffle
-    patches_per_epoch: int = 0  # 0 = as many as training rows
-    use_sampled: bool = True  # train on the rows kept by negative undersampling only
-    max_val_patches: int = 0  # 0 = every validation patch; else a fixed random subset
-    brightness: float = 0.1
-    contrast: float = 0.1
-    saturation: float = 0.1
-    stain_scale: float = 0.05
-    stain_shift: float = 0.01
-    amp: bool = True  # bf16 autocast on CUDA
-    channels_last: bool = True  # on CUDA
-    compile: bool = False  # torch.compile on CUDA
-    num_workers: int = 2
-    seed: int = 0
-    log_every_steps: int = 20
-
-    def __post_init__(self) -> None:
-        self.model_spec()  # validates arch, hidden_units, dropout, input_px
-        self.colour_augment()
-        if self.loss not in LOSSES:
-            raise ConfigError(f"loss={self.loss!r}: choose one of {', '.join(LOSSES)}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        if self.sampler not in SAMPLERS[:2]:
-            raise ConfigError(f"sampler={self.sampler!r}: choose one of {', '.join(SAMPLERS[:2])}")
-        checks = {
-            "epochs": 1 <= self.epochs <= 1000,
-            "patience": 1 <= self.patience <= 1000,
-            "batch_size": 2 <= self.batch_size <= 8192,
-            "lr": 0 < self.lr < 1,
-            "weight_decay": 0 <= self.weight_decay < 1,
-            "pos_weight": 0 < self.pos_weight <= 1000,
-            "focal_gamma": 0 <= self.focal_gamma <= 10,
-            "focal_alpha": self.focal_alpha == -1 or 0 < self.focal_alpha < 1,
-            "patches_per_epoch": self.patches_per_epoch >= 0,
-            "max_val_patches": self.max_val_patches >= 0,
-            "num_workers": 0 <= self.num_workers <= 64,
-            "log_every_steps": self.log_every_steps >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(
-                ", ".join(f"{b}={getattr(self, b)}" for b in bad)
-                + " out of range (epochs, patience ≥ 1; batch_size 2..8192; 0 < lr < 1; 0 < pos_weight; "
-                "focal_alpha in (0, 1) or -1; counts ≥ 0)"
-            )
-
-    def model_spec(self) -> ModelSpec:
-        return ModelSpec(self.arch, self.hidden_units, self.dropout, self.input_px)
-
-    def colour_augment(self) -> ColourAugment:
-        return ColourAugment(
-            self.brightness, self.contrast, self.saturation, self.stain_scale, self.stain_shift
-        )
-
-    def fingerprint(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUNTIME_FIELDS}
 
 
 @dataclass

@@ -1,0 +1,228 @@
+"""CLI: training and prediction (``digilut train | train-folds | predict | evaluate``).
+
+The training options are generated from :class:`~digilut.train.TrainConfig`'s fields: the same
+names (``--input-px`` for ``input_px``) and the same defaults, defined once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from digilut.errors import DigilutError
+from digilut.train_config import TrainConfig  # torch-free: the CLI starts fast
+
+_TRAIN_HELP = {
+    "arch": "Backbone: resnet18 | resnet34 | resnet50.",
+    "weights": "auto (ImageNet if cached, else random) | imagenet | none | state_dict PATH; no download.",
+    "hidden_units": "Units of the MLP head's hidden layer (0 = dropout + linear).",
+    "dropout": "Dropout before the last layer.",
+    "input_px": "Model input size: patches are resized on the device (128 ≈ 4× faster on a CPU).",
+    "loss": "bce | focal.",
+    "pos_weight": "BCE weight of positive patches.",
+    "focal_gamma": "Focal loss focusing parameter.",
+    "focal_alpha": "Focal loss positive-class weight (-1 = none).",
+    "epochs": "Maximum epochs.",
+    "patience": "Early stopping: epochs without a better validation AUROC.",
+    "batch_size": "Patches per training step.",
+    "lr": "AdamW peak learning rate.",
+    "weight_decay": "AdamW weight decay.",
+    "schedule": "cosine (per step, 5% warm-up) | plateau (halve the LR on a flat validation AUROC).",
+    "sampler": "weighted (class-balanced) | shuffle.",
+    "patches_per_epoch": "Patches drawn per epoch (0 = as many as training rows).",
+    "use_sampled": "Train on the rows kept by negative undersampling (split's 'sampled').",
+    "max_val_patches": "Validate on a fixed random subset of this size (0 = every patch).",
+    "brightness": "Colour jitter: brightness ± this fraction.",
+    "contrast": "Colour jitter: contrast ± this fraction.",
+    "saturation": "Colour jitter: saturation ± this fraction.",
+    "stain_scale": "H&E stain augmentation: scale jitter per stain.",
+    "stain_shift": "H&E stain augmentation: shift jitter per stain (scikit-image rgb2hed units).",
+    "amp": "bf16 autocast on CUDA.",
+    "channels_last": "channels-last memory format on CUDA.",
+    "compile": "torch.compile the model on CUDA.",
+    "num_workers": "DataLoader worker processes.",
+    "seed": "Random seed (initialisation, sampling, augmentation).",
+    "log_every_steps": "TensorBoard step-loss interval.",
+}
+
+
+def _with_config_options(
+    cls: type, help_text: dict[str, str]
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command one ``--option`` per field of the dataclass ``cls`` (same name and default)."""
+
+    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(func)
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        extra = [
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(f.default, help=help_text.get(f.name, f"TrainConfig.{f.name}")),
+                annotation=type(f.default),
+            )
+            for f in dataclasses.fields(cls)
+        ]
+        func.__signature__ = sig.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
+        return func
+
+    return wrap
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("train-folds")(train_folds)
+    app.command("predict")(predict)
+    app.command("evaluate")(evaluate)
+
+
+def _fail(err: Exception) -> typer.Exit:
+    typer.echo(f"error: {err}", err=True)
+    return typer.Exit(2)
+
+
+@_with_config_options(TrainConfig, _TRAIN_HELP)
+def train(
+    manifest: Path = typer.Argument(..., help="Split manifest.parquet (from digilut split)."),
+    out: Path = typer.Argument(..., help="Output folder: writes OUT/fold<K>/model.pt, oof.parquet, …"),
+    fold: int = typer.Option(..., "--fold", "-k", help="Validation fold K (trains on the other folds)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    tracking_uri: str = typer.Option("", help="MLflow tracking URI (http://… or sqlite:///…); empty = off."),
+    experiment: str = typer.Option("digilut", help="MLflow experiment."),
+    parent_run_id: str = typer.Option("", help="MLflow run id of the pipeline run (this fold is its child)."),
+    max_epochs_this_run: int = typer.Option(0, help="Stop after this many epochs (0 = all); rerun resumes."),
+    **options: Any,
+) -> None:
+    """Train one cross-validation fold (resumes an interrupted run; a finished fold returns at once)."""
+    from digilut.model import select_device
+    from digilut.tracking import Tracker, TrackingConfig
+    from digilut.train import train_fold
+
+    try:
+        cfg = TrainConfig(**options)
+        dev = select_device(device)
+        with Tracker(TrackingConfig(tracking_uri, experiment)) as tracker:
+            parent = tracker.attach(parent_run_id) if parent_run_id else None
+            result = train_fold(
+                manifest, fold, out / f"fold{fold}", cfg, dev, tracker=tracker, parent=parent,
+                max_epochs_this_run=max_epochs_this_run or None,
+            )  # fmt: skip
+    except DigilutError as err:
+        raise _fail(err) from err
+    typer.echo(
+        f"fold {fold}: best epoch {result.best_epoch}, validation AUROC {result.best_val_auroc:.4f} "
+        f"({result.epochs_run} epochs, {result.seconds:.0f}s) -> {out / f'fold{fold}'}"
+    )
+
+
+@_with_config_options(TrainConfig, _TRAIN_HELP)
+def train_folds(
+    manifest: Path = typer.Argument(..., help="Split manifest.parquet (from digilut split)."),
+    out: Path = typer.Argument(..., help="Output folder: OUT/fold<K>/ for every fold."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    tracking_uri: str = typer.Option("", help="MLflow tracking URI; empty = off."),
+    experiment: str = typer.Option("digilut", help="MLflow experiment."),
+    register_model: str = typer.Option("", help="Register the fold ensemble under this MLflow model name."),
+    **options: Any,
+) -> None:
+    """Train every fold of the manifest in turn, under one MLflow parent run."""
+    from digilut.manifest import read_manifest
+    from digilut.model import select_device
+    from digilut.tracking import Tracker, TrackingConfig
+    from digilut.train import train_fold
+
+    try:
+        cfg = TrainConfig(**options)
+        dev = select_device(device)
+        df = read_manifest(manifest, require=("split", "fold"))
+        folds = sorted(int(f) for f in df.loc[df["split"] == "train", "fold"].unique())
+        with Tracker(TrackingConfig(tracking_uri, experiment)) as tracker:
+            parent = tracker.start_run("pipeline", tags={"digilut.manifest": str(manifest)})
+            tracker.log_params(parent, {**cfg.fingerprint(), "folds": len(folds)})
+            results = [
+                train_fold(manifest, k, out / f"fold{k}", cfg, dev, tracker=tracker, parent=parent)
+                for k in folds
+            ]
+            aurocs = [r.best_val_auroc for r in results]
+            tracker.log_metrics(parent, {"mean_val_auroc": sum(aurocs) / len(aurocs)}, step=0)
+            if register_model:
+                tracker.register_ensemble(
+                    parent, [out / f"fold{k}" / "model.pt" for k in folds], register_model
+                )
+            tracker.end_run(parent)
+    except DigilutError as err:
+        raise _fail(err) from err
+    for r in results:
+        typer.echo(f"fold {r.fold}: best epoch {r.best_epoch}, validation AUROC {r.best_val_auroc:.4f}")
+
+
+def predict(
+    manifest: Path = typer.Argument(..., help="Manifest of the patches to score (test slides: stride 128)."),
+    models: list[Path] = typer.Argument(..., help="Fold model files (…/fold<K>/model.pt) or fold folders."),
+    out: Path = typer.Argument(..., help="Output Parquet: the manifest rows + prob."),
+    split: str = typer.Option("test", help="Rows of this split only (test | train | all)."),
+    batch_size: int = typer.Option(256, help="Patches per batch."),
+    num_workers: int = typer.Option(2, help="DataLoader worker processes."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+) -> None:
+    """Mean probability of every patch under the fold models (each patch decoded once)."""
+    from digilut.manifest import read_manifest, write_manifest
+    from digilut.model import select_device
+    from digilut.predict import PredictConfig, patch_metrics, predict_patches
+
+    try:
+        cfg = PredictConfig(batch_size=batch_size, num_workers=num_workers)
+        dev = select_device(device)
+        df = read_manifest(manifest)
+        if split != "all" and "split" in df.columns:
+            df = df[df["split"] == split]
+        files = [m / "model.pt" if m.is_dir() else m for m in models]
+        root = manifest if manifest.is_dir() else manifest.parent
+        pred = predict_patches(df, root, files, cfg, dev)
+    except DigilutError as err:
+        raise _fail(err) from err
+    write_manifest(pred, out)
+    msg = f"{len(pred)} patches × {len(files)} model(s) -> {out}"
+    if "label" in pred.columns and len(pred):
+        m = patch_metrics(pred["label"].to_numpy(), pred["prob"].to_numpy())
+        msg += f"; patch AUROC {m.auroc:.4f}"
+    typer.echo(msg)
+
+
+def evaluate(
+    predictions: Path = typer.Argument(..., help="Predicted patches (digilut predict output) with labels."),
+    truth: Path = typer.Argument(..., help="Truth boxes CSV of the predicted slides (train.csv format)."),
+    out: Path = typer.Argument(..., help="Output folder: metrics.json and boxes.csv."),
+    folds: list[Path] = typer.Option(
+        [], "--fold-dir", help="Fold folders whose oof.parquet tune the threshold."
+    ),
+    oof_truth: Path | None = typer.Option(
+        None, help="Truth boxes of the OOF slides: tunes the boxes config."
+    ),
+) -> None:
+    """Patch metrics at the OOF-tuned threshold, N boxes per slide and the DigiLut mean F2."""
+    import pandas as pd
+
+    from digilut.evaluate import evaluate_predictions
+    from digilut.manifest import read_manifest
+    from digilut.score import read_truth_csv
+
+    try:
+        pred = read_manifest(predictions, require=("slide", "x0", "y0", "w0", "h0", "label", "prob"))
+        oof = (
+            pd.concat([read_manifest(f / "oof.parquet") for f in folds], ignore_index=True) if folds else None
+        )
+        result = evaluate_predictions(
+            pred, read_truth_csv(truth), oof=oof, oof_truth=read_truth_csv(oof_truth) if oof_truth else None
+        )
+    except DigilutError as err:
+        raise _fail(err) from err
+    result.save(out)
+    typer.echo(result.format_table())
+    typer.echo(json.dumps({"mean_f2": result.score.mean_f2, "patch_auroc": result.patch.auroc}))

@@ -1,0 +1,97 @@
+"""The training CLI end to end on a tiny patch set: train a fold, predict, evaluate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from patch_fixtures import make_patch_manifest
+from typer.testing import CliRunner
+
+from digilut.cli import app
+from digilut.manifest import read_manifest
+from digilut.train_config import TrainConfig
+
+TINY = ["--input-px", "64", "--epochs", "1", "--batch-size", "16", "--num-workers", "0", "--weights", "none",
+        "--hidden-units", "16", "--lr", "0.001"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _truth_csv(manifest: Path, out: Path) -> Path:
+    """Each fixture slide's lesion block as one truth box (challenge CSV)."""
+    df = read_manifest(manifest)
+    pos = df[df["label"] == 1]
+    rows = [
+        (
+            slide,
+            g["x0"].min(),
+            (g["x0"] + g["w0"]).max(),
+            g["y0"].min(),
+            (g["y0"] + g["h0"]).max(),
+            10_000,
+            10_000,
+        )
+        for slide, g in pos.groupby("slide")
+    ]
+    pd.DataFrame(rows, columns=["filename", "x1", "x2", "y1", "y2", "max_x", "max_y"]).to_csv(
+        out, index=False
+    )
+    return out
+
+
+def test_cli_options_are_the_config_fields() -> None:
+    import typer.main
+
+    for name in ("train", "train-folds"):
+        command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+        params = {p.name: p for p in command.params}
+        for f in dataclasses.fields(TrainConfig):
+            assert params[f.name].default == f.default, f.name
+
+
+def test_train_predict_evaluate(tmp_path: Path) -> None:
+    manifest = make_patch_manifest(tmp_path / "data", patients=5, grid=5, px=64, folds=2)
+    runner = CliRunner()
+    for k in (0, 1):
+        result = runner.invoke(
+            app, ["train", str(manifest), str(tmp_path / "models"), "--fold", str(k), *TINY]
+        )
+        assert result.exit_code == 0, result.output
+        assert f"fold {k}: best epoch 0" in result.output
+    pred = tmp_path / "pred.parquet"
+    folds = [str(tmp_path / "models" / f"fold{k}") for k in (0, 1)]
+    result = runner.invoke(app, ["predict", str(manifest), *folds, str(pred), "--num-workers", "0"])
+    assert result.exit_code == 0, result.output
+    df = read_manifest(pred)
+    assert (df["split"] == "test").all() and df["prob"].between(0, 1).all()
+    truth = _truth_csv(manifest, tmp_path / "truth.csv")
+    args = ["evaluate", str(pred), str(truth), str(tmp_path / "eval")]
+    result = runner.invoke(app, [*args, "--fold-dir", folds[0], "--fold-dir", folds[1]])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert 0 <= metrics["mean_f2"] <= 1 and metrics["original_method_patch"]["f1"] == 0.063
+    boxes = pd.read_csv(tmp_path / "eval" / "boxes.csv")
+    assert len(boxes) == len(pd.read_csv(truth).query("filename in @df.slide"))  # exactly N per slide
+    assert "DigiLut mean F2" in result.output
+
+
+def test_bad_option_values_exit_with_a_message(tmp_path: Path) -> None:
+    manifest = make_patch_manifest(tmp_path, patients=3, grid=2, px=32)
+    result = CliRunner().invoke(
+        app, ["train", str(manifest), str(tmp_path / "m"), "--fold", "0", "--loss", "mse"]
+    )
+    assert result.exit_code == 2 and "loss='mse'" in result.output
+    result = CliRunner().invoke(app, ["train", str(manifest), str(tmp_path / "m"), "--fold", "7", *TINY])
+    assert result.exit_code == 2 and "fold=7" in result.output
