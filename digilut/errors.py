@@ -45,3 +45,7 @@ class ShardError(DigilutError, OSError):
 
 class StorageError(DigilutError, OSError):
     """An object store (S3) operation failed; the message names endpoint, bucket and key."""
+
+
+class ServiceError(DigilutError, RuntimeError):
+    """A local server (S3, MLflow) did not start or stop; the message ends with its log's tail."""

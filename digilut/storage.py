@@ -1,0 +1,398 @@
+"""S3 object storage: settings, listing and transfers of files and folders that survive outages.
+
+Every function takes an :class:`S3Config` and creates its boto3 client inside (never at import).
+Uploads and downloads retry each request through an S3 outage of up to ``retry_timeout_s``, abort
+what they leave behind, and write local files atomically: see :mod:`digilut.transfer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from digilut.errors import ConfigError, StorageError, UnsafePathError
+from digilut.transfer import (
+    Progress,
+    Retrier,
+    abort_incomplete,
+    error_code,
+    file_etag,
+    get_file,
+    put_file,
+    storage_error,
+)
+
+log = logging.getLogger(__name__)
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_DEFAULT_BUCKET = "digilut"
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """Where the bucket is and how patient transfers are. Keys are never shown in repr or logs.
+
+    ``endpoint_url=None`` means AWS S3; credentials left ``None`` come from boto3's usual chain
+    (environment, config files, a pod's service account).
+    """
+
+    endpoint_url: str | None
+    bucket: str = _DEFAULT_BUCKET
+    region: str = "us-east-1"
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    connect_timeout_s: float = 5.0  # per TCP connect
+    read_timeout_s: float = 60.0  # per socket read
+    retry_timeout_s: float = 120.0  # how long one transfer keeps retrying through an outage
+    part_size_mb: int = 16  # multipart part size (files above it go multipart)
+    max_concurrency: int = 4  # parts (or files, for downloads) in flight at once
+
+    def __post_init__(self) -> None:
+        if self.endpoint_url is not None and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
+            raise ConfigError(
+                f"endpoint_url={self.endpoint_url!r}: expected http(s)://host[:port], or None for AWS S3"
+            )
+        if not _BUCKET_RE.match(self.bucket) or ".." in self.bucket:
+            raise ConfigError(
+                f"bucket={self.bucket!r}: S3 bucket names are 3-63 characters of a-z, 0-9, '.' and '-', "
+                "starting and ending with a letter or digit"
+            )
+        if not self.region:
+            raise ConfigError("region must be a non-empty name such as 'us-east-1'")
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ConfigError(
+                "access_key_id and secret_access_key must be given together (or both left unset to "
+                "use boto3's credential chain)"
+            )
+        if min(self.connect_timeout_s, self.read_timeout_s, self.retry_timeout_s) <= 0:
+            raise ConfigError(
+                f"connect_timeout_s={self.connect_timeout_s}, read_timeout_s={self.read_timeout_s}, "
+                f"retry_timeout_s={self.retry_timeout_s} must all be > 0"
+            )
+        if not 5 <= self.part_size_mb <= 5120:
+            raise ConfigError(f"part_size_mb={self.part_size_mb}: S3 parts are 5 to 5120 MB")
+        if not 1 <= self.max_concurrency <= 64:
+            raise ConfigError(f"max_concurrency={self.max_concurrency}: expected 1 to 64")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> S3Config:
+        """Settings from the environment; keyword ``overrides`` win over it.
+
+        Endpoint: ``DIGILUT_S3_ENDPOINT``, else ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``,
+        ``MLFLOW_S3_ENDPOINT_URL``, else AWS S3. Bucket: ``DIGILUT_S3_BUCKET`` (default
+        ``digilut``). Region: ``AWS_DEFAULT_REGION`` (default ``us-east-1``). Keys:
+        ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``.
+        """
+        env = os.environ if environ is None else environ
+        endpoint = next(
+            (
+                env[name]
+                for name in (
+                    "DIGILUT_S3_ENDPOINT",
+                    "AWS_ENDPOINT_URL_S3",
+                    "AWS_ENDPOINT_URL",
+                    "MLFLOW_S3_ENDPOINT_URL",
+                )
+                if env.get(name)
+            ),
+            None,
+        )
+        values: dict[str, Any] = {
+            "endpoint_url": endpoint,
+            "bucket": env.get("DIGILUT_S3_BUCKET") or _DEFAULT_BUCKET,
+            "region": env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1",
+            "access_key_id": env.get("AWS_ACCESS_KEY_ID") or None,
+            "secret_access_key": env.get("AWS_SECRET_ACCESS_KEY") or None,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """Environment variables that make :meth:`from_env`, boto3 and MLflow reach this bucket."""
+        env = {"DIGILUT_S3_BUCKET": self.bucket, "AWS_DEFAULT_REGION": self.region}
+        if self.endpoint_url:
+            env["DIGILUT_S3_ENDPOINT"] = env["MLFLOW_S3_ENDPOINT_URL"] = self.endpoint_url
+        if self.access_key_id and self.secret_access_key:
+            env["AWS_ACCESS_KEY_ID"] = self.access_key_id
+            env["AWS_SECRET_ACCESS_KEY"] = self.secret_access_key
+        return env
+
+    @property
+    def where(self) -> str:
+        """Endpoint and bucket for messages: ``s3://bucket at http://host:port``."""
+        return f"s3://{self.bucket} at {self.endpoint_url or f'AWS S3 ({self.region})'}"
+
+    def uri(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{key}"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object of a listing."""
+
+    key: str
+    size: int
+    etag: str  # without quotes
+
+
+@dataclass
+class TransferReport:
+    """What :func:`upload_dir` / :func:`download_prefix` did."""
+
+    transferred: list[str] = field(default_factory=list)  # keys
+    skipped: list[str] = field(default_factory=list)  # keys already present and identical
+    nbytes: int = 0  # bytes transferred
+    seconds: float = 0.0
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")`` (prefix may be empty)."""
+    m = re.match(r"^s3://([^/]+)/?(.*)$", uri)
+    if not m:
+        raise ConfigError(f"{uri!r}: expected an S3 URI such as s3://bucket/prefix")
+    bucket, prefix = m.group(1), m.group(2)
+    if not _BUCKET_RE.match(bucket):
+        raise ConfigError(f"{uri!r}: {bucket!r} is not a valid S3 bucket name")
+    return bucket, prefix
+
+
+def s3_client(cfg: S3Config, *, max_attempts: int = 2) -> Any:
+    """A boto3 S3 client for ``cfg``: path-style addressing, ``max_attempts`` tries per request in
+    botocore (the transfers here retry through outages on top of that, see :mod:`digilut.transfer`)."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=cfg.connect_timeout_s,
+        read_timeout=cfg.read_timeout_s,
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
+        s3={"addressing_style": "path"},
+        signature_version="s3v4",
+        max_pool_connections=max(10, 2 * cfg.max_concurrency),
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=cfg.endpoint_url,
+        region_name=cfg.region,
+        aws_access_key_id=cfg.access_key_id,
+        aws_secret_access_key=cfg.secret_access_key,
+        config=config,
+    )
+
+
+def _same(path: Path, obj: ObjectInfo, cfg: S3Config) -> bool:
+    """Whether local ``path`` already holds ``obj`` (size, then ETag where we can recompute it)."""
+    try:
+        if path.stat().st_size != obj.size:
+            return False
+        return file_etag(path, cfg) == obj.etag
+    except OSError:
+        return False
+
+
+def check_bucket(cfg: S3Config, *, timeout_s: float = 3.0) -> None:
+    """Fail fast, with endpoint and bucket named, when the bucket cannot be reached or read.
+
+    One HEAD request, no retry, ``timeout_s`` to connect and to read: an unreachable endpoint fails
+    in about ``timeout_s`` (a refused connection at once) instead of after boto3's retries.
+    """
+    from dataclasses import replace
+
+    quick = replace(cfg, connect_timeout_s=timeout_s, read_timeout_s=timeout_s)
+    client = s3_client(quick, max_attempts=1)
+    try:
+        client.head_bucket(Bucket=cfg.bucket)
+    except Exception as err:
+        code, status = error_code(err)
+        if status == 404 or code in {"404", "NoSuchBucket"}:
+            raise StorageError(f"bucket {cfg.bucket} does not exist at {cfg.where}") from err
+        if status == 403 or code == "403":
+            raise StorageError(
+                f"access to bucket {cfg.bucket} denied at {cfg.where}: "
+                "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+            ) from err
+        raise StorageError(f"S3 endpoint unreachable: cannot reach bucket {cfg.where}: {err}") from err
+
+
+def _iter_objects(client: Any, cfg: S3Config, prefix: str, retry: Retrier) -> Iterator[ObjectInfo]:
+    token: str | None = None
+    while True:
+        kwargs = {"Bucket": cfg.bucket, "Prefix": prefix}
+        if token:
+            kwargs["ContinuationToken"] = token
+        page = retry(f"list {cfg.uri(prefix)}", lambda kw=kwargs: client.list_objects_v2(**kw))
+        for item in page.get("Contents", []):
+            yield ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")).strip('"'))
+        if not page.get("IsTruncated"):
+            return
+        token = page["NextContinuationToken"]
+
+
+def list_objects(cfg: S3Config, prefix: str = "") -> list[ObjectInfo]:
+    """Objects whose key starts with ``prefix`` (a plain string prefix, ``""`` for all), by key."""
+    client = s3_client(cfg)
+    try:
+        return list(_iter_objects(client, cfg, prefix, Retrier(cfg)))
+    except Exception as err:
+        raise storage_error(cfg, f"list {cfg.uri(prefix)}", err) from err
+
+
+def list_keys(cfg: S3Config, prefix: str = "") -> list[str]:
+    """Keys that start with ``prefix``, sorted."""
+    return [o.key for o in list_objects(cfg, prefix)]
+
+
+def abort_incomplete_uploads(cfg: S3Config, prefix: str = "", *, exact: bool = False) -> int:
+    """Abort the unfinished multipart uploads under ``prefix`` (of key ``prefix`` if ``exact``);
+    return how many. Their parts otherwise stay stored (and billed) but invisible."""
+    client = s3_client(cfg)
+    try:
+        return abort_incomplete(client, cfg, prefix, Retrier(cfg), exact=exact)
+    except Exception as err:
+        raise storage_error(cfg, f"abort incomplete uploads under {cfg.uri(prefix)}", err) from err
+
+
+def upload_file(cfg: S3Config, path: str | Path, key: str, *, progress: Progress | None = None) -> str:
+    """Upload the file ``path`` to ``key``; return its ``s3://`` URI.
+
+    Files above ``part_size_mb`` go multipart with ``max_concurrency`` parts in flight, each part
+    retried through outages of up to ``retry_timeout_s`` (see the module docstring).
+    """
+    path = Path(path)
+    client = s3_client(cfg)
+    put_file(client, cfg, path, key, progress)
+    return cfg.uri(key)
+
+
+def download_file(cfg: S3Config, key: str, path: str | Path, *, progress: Progress | None = None) -> Path:
+    """Download ``key`` to ``path`` atomically (temporary file, checks, rename); return ``path``.
+
+    A connection lost mid-way resumes from the last byte written (ranged GET pinned to the ETag);
+    the size, and the MD5 when the ETag is one, are checked before the rename.
+    """
+    path = Path(path)
+    client = s3_client(cfg)
+    get_file(client, cfg, key, path, Retrier(cfg), progress)
+    return path
+
+
+def _join_key(prefix: str, rel: str) -> str:
+    prefix = prefix.strip("/")
+    return f"{prefix}/{rel}" if prefix else rel
+
+
+def upload_dir(
+    cfg: S3Config,
+    local_dir: str | Path,
+    prefix: str,
+    *,
+    skip_existing: bool = True,
+    progress: Progress | None = None,
+) -> TransferReport:
+    """Upload every file under ``local_dir`` to ``prefix/<relative path>``.
+
+    Files already present with the same size and ETag are skipped (``skip_existing``), so an
+    interrupted upload of a slide folder resumes where it stopped.
+    """
+    local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise FileNotFoundError(f"{local_dir}: not a folder")
+    client = s3_client(cfg)
+    retry = Retrier(cfg)
+    base = prefix.strip("/")
+    report = TransferReport()
+    t0 = time.monotonic()
+    try:
+        remote = (
+            {o.key: o for o in _iter_objects(client, cfg, f"{base}/" if base else "", retry)}
+            if skip_existing
+            else {}
+        )
+    except Exception as err:
+        raise storage_error(cfg, f"list {cfg.uri(base)}", err) from err
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    for p in files:
+        key = _join_key(base, p.relative_to(local_dir).as_posix())
+        if key in remote and _same(p, remote[key], cfg):
+            report.skipped.append(key)
+            continue
+        put_file(client, cfg, p, key, progress)
+        report.transferred.append(key)
+        report.nbytes += p.stat().st_size
+    report.seconds = time.monotonic() - t0
+    log.info(
+        "upload %s -> %s: %d files (%.1f MB) in %.1f s, %d already there",
+        local_dir,
+        cfg.uri(base),
+        len(report.transferred),
+        report.nbytes / 1e6,
+        report.seconds,
+        len(report.skipped),
+    )
+    return report
+
+
+def _local_path(local_dir: Path, rel: str, key: str) -> Path:
+    parts = rel.split("/")
+    if any(p in {"", ".", ".."} for p in parts) or "\\" in rel:
+        raise UnsafePathError(f"object key {key!r} would escape {local_dir}: refusing to download it")
+    return local_dir.joinpath(*parts)
+
+
+def download_prefix(
+    cfg: S3Config,
+    prefix: str,
+    local_dir: str | Path,
+    *,
+    skip_existing: bool = True,
+    progress: Progress | None = None,
+) -> TransferReport:
+    """Download every object under ``prefix`` into ``local_dir/<key relative to prefix>``.
+
+    ``prefix`` is a folder (``a/b`` means keys under ``a/b/``). Files already present with the
+    same size and ETag (MD5, or multipart MD5 as :func:`upload_file` makes it) are skipped.
+    Up to ``max_concurrency`` files are fetched at once.
+    """
+    local_dir = Path(local_dir)
+    base = prefix.strip("/")
+    folder = f"{base}/" if base else ""
+    client = s3_client(cfg)
+    retry = Retrier(cfg)
+    t0 = time.monotonic()
+    try:
+        objects = [o for o in _iter_objects(client, cfg, folder, retry) if not o.key.endswith("/")]
+    except Exception as err:
+        raise storage_error(cfg, f"list {cfg.uri(folder)}", err) from err
+    todo: list[tuple[ObjectInfo, Path]] = []
+    report = TransferReport()
+    for obj in objects:
+        dest = _local_path(local_dir, obj.key[len(folder) :], obj.key)
+        if skip_existing and _same(dest, obj, cfg):
+            report.skipped.append(obj.key)
+        else:
+            todo.append((obj, dest))
+    with ThreadPoolExecutor(cfg.max_concurrency, thread_name_prefix="digilut-s3") as pool:
+        for obj, _ in todo:
+            report.transferred.append(obj.key)
+        sizes = pool.map(lambda od: get_file(client, cfg, od[0].key, od[1], retry, progress), todo)
+        report.nbytes = sum(sizes)
+    report.seconds = time.monotonic() - t0
+    log.info(
+        "download %s -> %s: %d files (%.1f MB) in %.1f s, %d already there",
+        cfg.uri(folder),
+        local_dir,
+        len(report.transferred),
+        report.nbytes / 1e6,
+        report.seconds,
+        len(report.skipped),
+    )
+    return report

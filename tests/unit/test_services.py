@@ -1,0 +1,82 @@
+"""Process-group handling of local servers (the servers themselves are in tests/integration)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from digilut.errors import ServiceError
+from digilut.services import Service, find_weed, free_ports, group_pids
+
+# A leader that forks a child which ignores SIGTERM, as server workers sometimes do.
+_FAMILY = """
+import os, signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('child up', flush=True); "
+    "time.sleep(300)"])
+print("leader up", child.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def _start_family(tmp_path: Path, name: str = "family") -> Service:
+    svc = Service(tmp_path / f"{name}.log")
+    svc.stop_timeout_s = 0.5
+    svc.launch([sys.executable, "-c", _FAMILY], dict(os.environ))
+    deadline = time.monotonic() + 30
+    while "child up" not in svc.log_tail() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "child up" in svc.log_tail()
+    return svc
+
+
+def test_stop_kills_the_whole_group_even_a_child_ignoring_sigterm(tmp_path: Path):
+    svc = _start_family(tmp_path)
+    pgid = svc.pid
+    assert pgid is not None and len(group_pids(pgid)) == 2
+    svc.stop(timeout_s=0.5)
+    assert group_pids(pgid) == []
+    assert not svc.running()
+
+
+def test_context_manager_stops_unless_keep(tmp_path: Path):
+    with _start_family(tmp_path) as svc:
+        pgid = svc.pid
+    assert pgid is not None and group_pids(pgid) == []
+    kept = _start_family(tmp_path, "kept")
+    kept.keep = True
+    with kept:
+        pass
+    try:
+        assert kept.pid is not None and len(group_pids(kept.pid)) == 2
+    finally:
+        kept.stop(timeout_s=0.5)
+
+
+def test_kill_reaps_the_group(tmp_path: Path):
+    svc = _start_family(tmp_path)
+    pgid = svc.pid
+    svc.kill()
+    assert pgid is not None and group_pids(pgid) == []
+
+
+def test_wait_ready_reports_an_early_exit_with_the_log_tail(tmp_path: Path):
+    svc = Service(tmp_path / "bad.log")
+    svc.launch(
+        [sys.executable, "-c", "import sys; print('cannot bind port 1'); sys.exit(3)"], dict(os.environ)
+    )
+    with pytest.raises(ServiceError, match=r"exited with code 3[\s\S]*cannot bind port 1"):
+        svc._wait_ready(lambda: False, 30, "nowhere")
+
+
+def test_free_ports_are_distinct():
+    ports = free_ports(12)
+    assert len(set(ports)) == 12 and all(1024 <= p < 65536 for p in ports)
+
+
+def test_weed_binary_is_found():
+    assert os.access(find_weed(), os.X_OK)
