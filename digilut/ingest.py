@@ -43,7 +43,7 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def _s3(uri: str) -> tuple[S3Config, str]:
+def s3_target(uri: str) -> tuple[S3Config, str]:
     """The S3 settings (bucket from the URI, endpoint and keys from the environment) and prefix."""
     from dataclasses import replace
 
@@ -62,7 +62,7 @@ def list_source_slides(data_uri: str) -> list[str]:
         return list_slides(images)
     from digilut.storage import list_keys
 
-    cfg, prefix = _s3(data_uri)
+    cfg, prefix = s3_target(data_uri)
     base = f"{prefix}/images/" if prefix else "images/"
     names = []
     for key in list_keys(cfg, base):
@@ -83,7 +83,7 @@ def fetch_file(data_uri: str, name: str, dest: Path) -> Path | None:
         return p if p.is_file() else None
     from digilut.storage import download_file, list_keys
 
-    cfg, prefix = _s3(data_uri)
+    cfg, prefix = s3_target(data_uri)
     key = f"{prefix}/{name}" if prefix else name
     if key not in list_keys(cfg, key):
         return None
@@ -103,7 +103,7 @@ def fetch_slides(data_uri: str, names: list[str], dest: Path) -> dict[str, Path]
             continue
         from digilut.storage import download_file
 
-        cfg, prefix = _s3(data_uri)
+        cfg, prefix = s3_target(data_uri)
         key = f"{prefix}/images/{name}" if prefix else f"images/{name}"
         paths[name] = download_file(cfg, key, dest / "images" / name)
     return paths

@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,37 @@ def write_report(
     (out / "report.md").write_text("\n".join(md) + "\n")
     log.info("report: %s (%d pictures)", report, len(pictures))
     return report
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    """What the KFP UI shows of a run: scalars, the ROC curve and the confusion matrix."""
+
+    scalars: dict[str, float]
+    fpr: list[float]
+    tpr: list[float]
+    thresholds: list[float]
+    confusion: list[list[int]]  # rows = truth (no lesion, lesion), columns = prediction
+
+
+def run_figures(ev: Evaluation, pred: pd.DataFrame) -> RunFigures:
+    """The figures of an evaluation over the test patches ``pred`` (``label``, ``prob``)."""
+    labels = pred["label"].to_numpy().astype(bool)
+    called = pred["prob"].to_numpy() >= ev.patch.threshold
+    confusion = [
+        [int((~labels & ~called).sum()), int((~labels & called).sum())],
+        [int((labels & ~called).sum()), int((labels & called).sum())],
+    ]
+    scalars = {
+        "mean_f2": ev.score.mean_f2,
+        "patch_auroc": ev.patch.auroc,
+        "patch_precision": ev.patch.precision,
+        "patch_recall": ev.patch.recall,
+        "patch_f1": ev.patch.f1,
+        "patch_threshold": ev.patch.threshold,
+        "test_slides_scored": float(len(ev.score.slides)),
+    }
+    if ev.tuned_f2 is not None:
+        scalars["oof_mean_f2"] = ev.tuned_f2
+    fpr, tpr, thr = roc_points(labels, pred["prob"].to_numpy())
+    return RunFigures({k: float(v) for k, v in scalars.items() if v == v}, fpr, tpr, thr, confusion)

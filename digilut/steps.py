@@ -13,6 +13,9 @@ Artifacts (folders)::
     thumbnails    <stem>.png + slides.json (level-0 size of every slide)
     labels        manifest.parquet (+ overlap, label)
     split         manifest.parquet (+ split, fold, sampled), split.json
+    model         one fold: model.pt, oof.parquet, result.json, tensorboard/ (digilut.train)
+    predictions   predictions.parquet: the test patches with the ensemble's ``prob``
+    results       boxes.csv, metrics.json, report.html, report.md, pictures/, roc.png
 """
 
 from __future__ import annotations
@@ -25,15 +28,29 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+import torch
 
+from digilut.boxes import BoxesConfig
+from digilut.evaluate import Evaluation, evaluate_predictions
 from digilut.extract import ExtractConfig, PrepareReport, SlidePatches, extract_slides
 from digilut.ingest import BOXES_NAME, fetch_slides, ingest_data
 from digilut.labels import LabelConfig, label_patches
 from digilut.manifest import EXTRACT_COLUMNS, MANIFEST_NAME, conform, read_manifest, write_manifest
+from digilut.predict import PredictConfig, predict_patches
+from digilut.report import RunFigures, write_report
 from digilut.shards import atomic_write
 from digilut.split import SplitConfig, split_dataset
+from digilut.tracking import Tracker, TrackingConfig
+from digilut.train import FoldResult, train_fold
+from digilut.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
+PREDICTIONS_NAME = "predictions.parquet"
+
+
+def pick_device() -> torch.device:
+    """The device for training/prediction, chosen once per step: CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _write_json(path: Path, data: object) -> None:
@@ -139,3 +156,109 @@ def split_step(labels: Path, split: Path, cfg: SplitConfig) -> list[int]:
     }
     _write_json(split / "split.json", summary)
     return sorted(summary["folds"])
+
+
+# --- model side ------------------------------------------------------------------------------
+
+
+def start_tracking_step(run_name: str, cfg: TrackingConfig) -> str:
+    """Open the pipeline's MLflow parent run; return its id ("" when tracking is off or down)."""
+    with Tracker(cfg) as tracker:
+        if not tracker.enabled:
+            log.info("tracking: no MLflow tracking URI configured; runs are not logged")
+            return ""
+        run = tracker.start_run(run_name, tags={"digilut.kind": "pipeline"})
+        run_id = run.wait(cfg.request_timeout_s * 3) or ""
+    if not run_id:
+        log.warning("tracking: MLflow at %s did not answer; this run is not logged", cfg.tracking_uri)
+    return run_id
+
+
+def train_step(
+    patches: Path,
+    split: Path,
+    fold: int,
+    model_dir: Path,
+    cfg: TrainConfig,
+    tracking: TrackingConfig,
+    *,
+    parent_run_id: str = "",
+) -> FoldResult:
+    """Train one fold on the device chosen here (CUDA when present); resumes from ``model_dir``."""
+    device = pick_device()
+    with Tracker(tracking) as tracker:
+        parent = tracker.attach(parent_run_id) if parent_run_id else None
+        return train_fold(
+            split / MANIFEST_NAME, fold, model_dir, cfg, device, tracker=tracker, parent=parent, root=patches
+        )
+
+
+def predict_step(
+    patches: Path, split: Path, model_dirs: list[Path], predictions: Path, cfg: PredictConfig
+) -> pd.DataFrame:
+    """Mean probability of the fold models on every test patch; writes ``predictions.parquet``."""
+    predictions.mkdir(parents=True, exist_ok=True)
+    df = read_manifest(split, require=("split",))
+    rows = df[df["split"] == "test"]
+    files = [d / FoldResult.load(d).model_file for d in model_dirs]
+    out = predict_patches(rows, patches, files, cfg, pick_device())
+    write_manifest(out, predictions / PREDICTIONS_NAME)
+    return out
+
+
+def _oof(model_dirs: list[Path]) -> pd.DataFrame:
+    parts = [pd.read_parquet(d / FoldResult.load(d).oof_file) for d in model_dirs]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def evaluate_step(
+    predictions: Path,
+    model_dirs: list[Path],
+    annotations: Path,
+    thumbnails: Path | None,
+    results: Path,
+    boxes_cfg: BoxesConfig | None = None,
+    *,
+    tune_boxes: bool = True,
+    title: str = "digilut run",
+) -> Evaluation:
+    """Boxes (N per test slide; post-processing tuned on out-of-fold slides), score and report."""
+    results.mkdir(parents=True, exist_ok=True)
+    pred = pd.read_parquet(predictions / PREDICTIONS_NAME)
+    truth = read_boxes(annotations)
+    test_truth = truth[truth["filename"].isin(set(pred["slide"]))]
+    oof = _oof(model_dirs)
+    oof_truth = truth[truth["filename"].isin(set(oof["slide"]))] if len(oof) else None
+    ev = evaluate_predictions(
+        pred,
+        test_truth,
+        oof=oof if len(oof) else None,
+        oof_truth=oof_truth if tune_boxes else None,
+        boxes_config=None if tune_boxes else boxes_cfg,
+    )
+    ev.save(results)
+    write_report(ev, pred, test_truth, results, thumbnails=thumbnails, title=title)
+    return ev
+
+
+def publish_step(
+    results: Path, results_uri: str, tracking: TrackingConfig, parent_run_id: str, figures: RunFigures
+) -> None:
+    """Copy the results folder to ``results_uri`` (a folder or ``s3://`` prefix; "" = nowhere) and
+    log the figures and report to the MLflow parent run, then close it."""
+    if results_uri.startswith("s3://"):
+        from digilut.ingest import s3_target
+        from digilut.storage import upload_dir
+
+        cfg, prefix = s3_target(results_uri)
+        upload_dir(cfg, results, prefix)
+        log.info("results uploaded to %s", results_uri)
+    elif results_uri:
+        shutil.copytree(results, results_uri, dirs_exist_ok=True)
+        log.info("results copied to %s", results_uri)
+    if parent_run_id:
+        with Tracker(tracking) as tracker:
+            run = tracker.attach(parent_run_id)
+            tracker.log_metrics(run, figures.scalars, step=0)
+            tracker.log_artifacts(run, results, "results")
+            tracker.end_run(run)

@@ -216,8 +216,12 @@ def train_fold(
     tracker: Tracker | None = None,
     parent: RunHandle | None = None,
     max_epochs_this_run: int | None = None,
+    root: str | Path | None = None,
 ) -> FoldResult:
     """Train fold ``fold`` of the split ``manifest`` into ``out_dir`` (see the module docstring).
+
+    ``root``: the folder the manifest's shard paths are relative to (default: the manifest's own
+    folder; the pipeline keeps shards and split tables in separate artifacts).
 
     ``tracker``/``parent``: MLflow child run of ``parent`` (params, per-epoch metrics, the model).
     ``max_epochs_this_run`` stops after that many epochs (time-sliced jobs); a later call resumes.
@@ -227,7 +231,8 @@ def train_fold(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     df = read_manifest(manifest)
-    root = manifest.parent if manifest.suffix else manifest
+    if root is None:
+        root = manifest.parent if manifest.suffix else manifest
     data = fold_rows(df, fold, cfg)
     state_path = out_dir / "last.pt"
     state = _load_state(state_path, cfg) if state_path.is_file() else None

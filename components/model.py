@@ -1,0 +1,152 @@
+"""Model components: MLflow parent run, fold training (GPU), ensemble prediction (GPU), evaluation.
+
+No ``from __future__ import annotations`` here: KFP reads the real annotation objects.
+"""
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+from digilut.images import image
+
+BASE = image("base")
+TRAIN = image("train")
+
+
+@dsl.component(base_image=BASE, install_kfp_package=False)
+def start_tracking(run_name: str, experiment: str) -> str:
+    """Open the MLflow parent run of this pipeline run (MLFLOW_TRACKING_URI from the environment)."""
+    import os
+
+    from digilut.steps import start_tracking_step
+    from digilut.tracking import TrackingConfig
+
+    cfg = TrackingConfig(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""), experiment=experiment)
+    return start_tracking_step(run_name, cfg)
+
+
+@dsl.component(base_image=TRAIN, install_kfp_package=False)
+def train_fold(
+    patches: Input[Dataset],
+    split: Input[Dataset],
+    fold: int,
+    arch: str,
+    loss: str,
+    input_px: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    experiment: str,
+    parent_run_id: str,
+    model: Output[Model],
+    tensorboard: Output[Artifact],
+    metrics: Output[Metrics],
+):
+    """Train one fold's ResNet on a GPU (CPU without one); the model folder holds OOF predictions."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from digilut.steps import train_step
+    from digilut.tracking import TrackingConfig
+    from digilut.train_config import TrainConfig
+
+    cfg = TrainConfig(
+        arch=arch, loss=loss, input_px=input_px, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
+    )
+    tracking = TrackingConfig(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""), experiment=experiment)
+    result = train_step(
+        Path(patches.path),
+        Path(split.path),
+        fold,
+        Path(model.path),
+        cfg,
+        tracking,
+        parent_run_id=parent_run_id,
+    )
+    shutil.copytree(Path(model.path) / "tensorboard", tensorboard.path, dirs_exist_ok=True)
+    model.metadata.update(
+        {
+            "fold": fold,
+            "best_epoch": result.best_epoch,
+            "framework": "pytorch",
+            "mlflow_run_id": result.mlflow_run_id or "",
+        }
+    )
+    metrics.log_metric(f"fold{fold}_val_auroc", result.best_val_auroc)
+    metrics.log_metric(f"fold{fold}_best_epoch", result.best_epoch)
+
+
+@dsl.component(base_image=TRAIN, install_kfp_package=False)
+def predict(
+    patches: Input[Dataset],
+    split: Input[Dataset],
+    models: Input[list[Model]],
+    batch_size: int,
+    predictions: Output[Dataset],
+):
+    """Ensemble (mean probability of every fold model) on the test patients' patches."""
+    from pathlib import Path
+
+    from digilut.predict import PredictConfig
+    from digilut.steps import predict_step
+
+    out = predict_step(
+        Path(patches.path),
+        Path(split.path),
+        [Path(m.path) for m in models],
+        Path(predictions.path),
+        PredictConfig(batch_size=batch_size),
+    )
+    predictions.metadata.update({"patches": len(out), "models": len(models)})
+
+
+@dsl.component(base_image=BASE, install_kfp_package=False)
+def evaluate(
+    predictions: Input[Dataset],
+    models: Input[list[Model]],
+    annotations: Input[Dataset],
+    thumbnails: Input[Dataset],
+    boxes_method: str,
+    tune_boxes: bool,
+    parent_run_id: str,
+    experiment: str,
+    results_uri: str,
+    results: Output[Dataset],
+    metrics: Output[Metrics],
+    roc: Output[ClassificationMetrics],
+    report: Output[HTML],
+    summary: Output[Markdown],
+):
+    """Boxes (N per slide), DigiLut F2, patch metrics, ROC and the HTML report; publish the results."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    import pandas as pd
+
+    from digilut.boxes import BoxesConfig
+    from digilut.report import run_figures
+    from digilut.steps import PREDICTIONS_NAME, evaluate_step, publish_step
+    from digilut.tracking import TrackingConfig
+
+    out = Path(results.path)
+    ev = evaluate_step(
+        Path(predictions.path),
+        [Path(m.path) for m in models],
+        Path(annotations.path),
+        Path(thumbnails.path),
+        out,
+        BoxesConfig(method=boxes_method),
+        tune_boxes=tune_boxes,
+    )
+    figures = run_figures(ev, pd.read_parquet(Path(predictions.path) / PREDICTIONS_NAME))
+    tracking = TrackingConfig(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""), experiment=experiment)
+    publish_step(out, results_uri, tracking, parent_run_id, figures)
+    for k, v in figures.scalars.items():
+        metrics.log_metric(k, v)
+    if figures.fpr:
+        roc.log_roc_curve(figures.fpr, figures.tpr, figures.thresholds)
+    roc.log_confusion_matrix(["no lesion", "lesion"], figures.confusion)
+    shutil.copy(out / "report.html", report.path)
+    shutil.copy(out / "report.md", summary.path)

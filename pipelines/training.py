@@ -1,0 +1,165 @@
+"""The training pipeline: slides in S3 → patches → folds trained in parallel on GPUs → ensemble →
+boxes → DigiLut score and report.
+
+    ingest ─► extract ×batches (ParallelFor) ─► merge ─► label ─► split ─► train_fold ×folds
+                                                                        (ParallelFor, 1 GPU each)
+                          start_tracking (MLflow parent run) ───────────────┘        │
+                                                    predict (ensemble of the fold models)
+                                                                         │
+                                                    evaluate (boxes, F2, ROC, report, publish)
+
+Every knob is a pipeline parameter whose default comes from the library's config dataclass of the
+same name, so the CLI, the library and the pipeline agree. ParallelFor parallelism is fixed when
+compiling (KFP takes no run-time value there): ``DIGILUT_EXTRACT_PARALLELISM`` and
+``DIGILUT_TRAIN_PARALLELISM`` (0 = unbounded).
+"""
+
+import os
+
+from kfp import dsl, kubernetes
+
+from components.data import extract, ingest, label, merge, split_patients
+from components.model import evaluate, predict, start_tracking, train_fold
+from digilut import k8s
+from digilut.boxes import BoxesConfig
+from digilut.extract import ExtractConfig
+from digilut.labels import LabelConfig
+from digilut.predict import PredictConfig
+from digilut.split import SplitConfig
+from digilut.train_config import TrainConfig
+
+EXTRACT_PARALLELISM = int(os.environ.get("DIGILUT_EXTRACT_PARALLELISM", "8"))
+TRAIN_PARALLELISM = int(os.environ.get("DIGILUT_TRAIN_PARALLELISM", "0"))
+_E, _L, _S, _T, _P, _B = (
+    ExtractConfig(),
+    LabelConfig(),
+    SplitConfig(),
+    TrainConfig(),
+    PredictConfig(),
+    BoxesConfig(),
+)
+
+
+def use_s3_and_tracking(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """S3 credentials from the Secret, endpoint/bucket/MLflow URI from the ConfigMap (as env)."""
+    kubernetes.use_secret_as_env(
+        task, secret_name=k8s.S3_SECRET_NAME, secret_key_to_env={k: k for k in k8s.S3_SECRET_KEYS}
+    )
+    kubernetes.use_config_map_as_env(
+        task,
+        config_map_name=k8s.RUNTIME_CONFIGMAP,
+        config_map_key_to_env={k: k for k in k8s.RUNTIME_ENV_KEYS},
+    )
+    return task
+
+
+def on_gpu(task: dsl.PipelineTask, *, cpu: str = "8", memory: str = "48Gi") -> dsl.PipelineTask:
+    """One NVIDIA GPU, a GPU node (selector + taint toleration), a memory-backed /dev/shm for the
+    DataLoader workers, and retries with backoff for node preemption."""
+    task.set_accelerator_type(k8s.GPU_RESOURCE).set_accelerator_limit(1)
+    task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
+    for key, value in k8s.GPU_NODE_SELECTOR.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    kubernetes.add_toleration(task, **dict(k8s.GPU_TOLERATION))
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+    task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="600s")
+    return task
+
+
+@dsl.pipeline(
+    name="digilut-training", description="Train a patch-classifier ensemble and find DigiLut lesion boxes."
+)
+def training(
+    data_uri: str,
+    results_uri: str = "",
+    batch_size: int = 8,
+    patch_px: int = _E.patch_px,
+    target_mpp: float = _E.target_mpp,
+    stride_px: int = 128,
+    min_tissue_fraction: float = _E.min_tissue_fraction,
+    tissue_threshold: int = _E.tissue_threshold,
+    label_mode: str = _L.mode,
+    label_min_overlap: float = _L.min_overlap,
+    test_fraction: float = _S.test_fraction,
+    folds: int = _S.folds,
+    neg_per_pos: float = _S.neg_per_pos,
+    arch: str = _T.arch,
+    loss: str = _T.loss,
+    input_px: int = _T.input_px,
+    epochs: int = _T.epochs,
+    train_batch_size: int = _T.batch_size,
+    lr: float = _T.lr,
+    predict_batch_size: int = _P.batch_size,
+    boxes_method: str = _B.method,
+    tune_boxes: bool = True,
+    seed: int = _S.seed,
+    experiment: str = "digilut",
+    run_name: str = "digilut-training",
+) -> None:
+    """``data_uri``: ``s3://bucket/prefix`` (or a folder, locally) holding images/*.tif and train.csv;
+    ``results_uri``: where boxes.csv, metrics.json and the report are published ("" = artifacts only)."""
+    ing = use_s3_and_tracking(ingest(data_uri=data_uri, batch_size=batch_size))
+    ing.set_caching_options(False)  # the bucket may have changed since the last run
+    tracking = use_s3_and_tracking(start_tracking(run_name=run_name, experiment=experiment))
+    tracking.set_caching_options(False)
+    with dsl.ParallelFor(ing.outputs["Output"], parallelism=EXTRACT_PARALLELISM) as batch:
+        ex = extract(
+            data_uri=data_uri,
+            slides=batch,
+            patch_px=patch_px,
+            target_mpp=target_mpp,
+            stride_px=stride_px,
+            min_tissue_fraction=min_tissue_fraction,
+            tissue_threshold=tissue_threshold,
+        )
+        use_s3_and_tracking(ex).set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("16Gi")
+        ex.set_caching_options(True)
+    mg = merge(extracted=dsl.Collected(ex.outputs["extracted"])).set_caching_options(True)
+    lb = label(
+        patches=mg.outputs["patches"],
+        annotations=ing.outputs["annotations"],
+        label_mode=label_mode,
+        label_min_overlap=label_min_overlap,
+    ).set_caching_options(True)
+    sp = split_patients(
+        labels=lb.outputs["labels"],
+        test_fraction=test_fraction,
+        folds=folds,
+        neg_per_pos=neg_per_pos,
+        seed=seed,
+    ).set_caching_options(True)
+    with dsl.ParallelFor(sp.outputs["Output"], parallelism=TRAIN_PARALLELISM) as fold:
+        tr = train_fold(
+            patches=mg.outputs["patches"],
+            split=sp.outputs["split"],
+            fold=fold,
+            arch=arch,
+            loss=loss,
+            input_px=input_px,
+            epochs=epochs,
+            batch_size=train_batch_size,
+            lr=lr,
+            seed=seed,
+            experiment=experiment,
+            parent_run_id=tracking.output,
+        )
+        on_gpu(use_s3_and_tracking(tr)).set_caching_options(False)
+    pr = predict(
+        patches=mg.outputs["patches"],
+        split=sp.outputs["split"],
+        models=dsl.Collected(tr.outputs["model"]),
+        batch_size=predict_batch_size,
+    )
+    on_gpu(pr, cpu="8", memory="32Gi").set_caching_options(False)
+    ev = evaluate(
+        predictions=pr.outputs["predictions"],
+        models=dsl.Collected(tr.outputs["model"]),
+        annotations=ing.outputs["annotations"],
+        thumbnails=mg.outputs["thumbnails"],
+        boxes_method=boxes_method,
+        tune_boxes=tune_boxes,
+        parent_run_id=tracking.output,
+        experiment=experiment,
+        results_uri=results_uri,
+    )
+    use_s3_and_tracking(ev).set_caching_options(False)
