@@ -214,7 +214,7 @@ def make_loader(
         collate_fn=_batch_is_item,
         pin_memory=pin_memory,
         drop_last=drop_last,
-        prefetch_factor=4 if num_workers else None,
+        prefetch_factor=2 if num_workers else None,
         persistent_workers=False,  # workers are re-forked each epoch and see set_epoch()
     )
 
