@@ -12,13 +12,13 @@ BASE = image("base")
 
 
 @dsl.component(base_image=BASE, install_kfp_package=False)
-def ingest(data_uri: str, batch_size: int, annotations: Output[Dataset]) -> list:
+def ingest(data_uri: str, batch_size: int, require_boxes: bool, annotations: Output[Dataset]) -> list:
     """List the slides and validate train.csv of DATA (folder or s3:// prefix); return the batches."""
     from pathlib import Path
 
     from digilut.steps import ingest_step
 
-    return ingest_step(data_uri, Path(annotations.path), batch_size=batch_size)
+    return ingest_step(data_uri, Path(annotations.path), batch_size=batch_size, require_boxes=require_boxes)
 
 
 @dsl.component(base_image=BASE, install_kfp_package=False)

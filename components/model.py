@@ -112,6 +112,7 @@ def evaluate(
     parent_run_id: str,
     experiment: str,
     results_uri: str,
+    register_model: str,
     results: Output[Dataset],
     metrics: Output[Metrics],
     roc: Output[ClassificationMetrics],
@@ -142,7 +143,7 @@ def evaluate(
     )
     figures = run_figures(ev, pd.read_parquet(Path(predictions.path) / PREDICTIONS_NAME))
     tracking = TrackingConfig(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""), experiment=experiment)
-    publish_step(out, results_uri, tracking, parent_run_id, figures)
+    publish_step(out, results_uri, tracking, parent_run_id, figures, register_model=register_model)
     for k, v in figures.scalars.items():
         metrics.log_metric(k, v)
     if figures.fpr:

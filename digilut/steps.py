@@ -62,9 +62,11 @@ def read_boxes(annotations: Path) -> pd.DataFrame:
     return pd.read_csv(annotations / BOXES_NAME)
 
 
-def ingest_step(data_uri: str, annotations: Path, *, batch_size: int) -> list[list[str]]:
+def ingest_step(
+    data_uri: str, annotations: Path, *, batch_size: int, require_boxes: bool = True
+) -> list[list[str]]:
     """List and validate the data source; return the slide batches for extraction."""
-    return ingest_data(data_uri, annotations, batch_size=batch_size).batches
+    return ingest_data(data_uri, annotations, batch_size=batch_size, require_boxes=require_boxes).batches
 
 
 def extract_step(
@@ -238,14 +240,15 @@ def evaluate_step(
     )
     ev.save(results)
     write_report(ev, pred, test_truth, results, thumbnails=thumbnails, title=title)
+    (results / "models").mkdir(exist_ok=True)
+    for d in model_dirs:  # the ensemble travels with the results: the inference pipeline reads it
+        r = FoldResult.load(d)
+        shutil.copy2(d / r.model_file, results / "models" / f"fold{r.fold}.pt")
     return ev
 
 
-def publish_step(
-    results: Path, results_uri: str, tracking: TrackingConfig, parent_run_id: str, figures: RunFigures
-) -> None:
-    """Copy the results folder to ``results_uri`` (a folder or ``s3://`` prefix; "" = nowhere) and
-    log the figures and report to the MLflow parent run, then close it."""
+def publish_results(results: Path, results_uri: str) -> None:
+    """Copy the results folder to ``results_uri``: a folder or ``s3://`` prefix ("" = nowhere)."""
     if results_uri.startswith("s3://"):
         from digilut.ingest import s3_target
         from digilut.storage import upload_dir
@@ -256,9 +259,92 @@ def publish_step(
     elif results_uri:
         shutil.copytree(results, results_uri, dirs_exist_ok=True)
         log.info("results copied to %s", results_uri)
+
+
+def publish_step(
+    results: Path,
+    results_uri: str,
+    tracking: TrackingConfig,
+    parent_run_id: str,
+    figures: RunFigures,
+    *,
+    register_model: str = "",
+) -> None:
+    """Copy the results folder to ``results_uri`` (a folder or ``s3://`` prefix; "" = nowhere),
+    log the figures and report to the MLflow parent run (registering the ensemble as
+    ``register_model`` when given), then close the run."""
+    publish_results(results, results_uri)
     if parent_run_id:
         with Tracker(tracking) as tracker:
             run = tracker.attach(parent_run_id)
             tracker.log_metrics(run, figures.scalars, step=0)
             tracker.log_artifacts(run, results, "results")
+            if register_model:
+                tracker.register_ensemble(run, sorted((results / "models").glob("*.pt")), register_model)
             tracker.end_run(run)
+
+
+# --- inference -------------------------------------------------------------------------------
+
+MODEL_GLOB = "*.pt"
+
+
+def fetch_models_step(model_uri: str, models: Path) -> list[Path]:
+    """Copy an ensemble's model files into ``models``: from a folder or ``s3://`` prefix holding
+    ``*.pt`` digilut model files (e.g. a training run's ``results/models``), or an MLflow registry
+    URI ``models:/<name>/<version>`` (the registered ensemble's artifacts)."""
+    models.mkdir(parents=True, exist_ok=True)
+    if model_uri.startswith("models:/") or model_uri.startswith("runs:/"):
+        import mlflow.artifacts
+
+        src = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(models / "mlflow"))
+        )
+        found = sorted(p for p in src.rglob(MODEL_GLOB) if p.name != "last.pt")
+    elif model_uri.startswith("s3://"):
+        from digilut.ingest import s3_target
+        from digilut.storage import download_prefix
+
+        cfg, prefix = s3_target(model_uri)
+        download_prefix(cfg, prefix, models / "s3")
+        found = sorted(p for p in (models / "s3").rglob(MODEL_GLOB) if p.name != "last.pt")
+    else:
+        found = sorted(p for p in Path(model_uri).rglob(MODEL_GLOB) if p.name != "last.pt")
+    if not found:
+        raise FileNotFoundError(f"{model_uri}: no model files ({MODEL_GLOB}) found")
+    out = []
+    for i, p in enumerate(found):
+        dst = models / f"model{i}.pt"
+        shutil.copy2(p, dst)
+        out.append(dst)
+    log.info("models: %d model file(s) from %s", len(out), model_uri)
+    return out
+
+
+def predict_all_step(patches: Path, models: Path, predictions: Path, cfg: PredictConfig) -> pd.DataFrame:
+    """Mean probability of the ensemble in ``models`` on every patch of ``patches``."""
+    predictions.mkdir(parents=True, exist_ok=True)
+    files = sorted(models.glob("model*.pt"))
+    out = predict_patches(read_manifest(patches), patches, files, cfg, pick_device())
+    write_manifest(out, predictions / PREDICTIONS_NAME)
+    return out
+
+
+def submission_step(data_uri: str, predictions: Path, results: Path, cfg: BoxesConfig) -> Path:
+    """N boxes per slide of the source's ``test.csv`` (``filename,max_x,max_y,trustii_id``) in the
+    challenge submission format ``trustii_id,filename,y1,y2,x1,x2``."""
+    from digilut.annotations import expected_counts, read_test_list
+    from digilut.boxes import slide_boxes
+    from digilut.ingest import fetch_file
+    from digilut.submission import write_submission
+
+    results.mkdir(parents=True, exist_ok=True)
+    test_csv = fetch_file(data_uri, "test.csv", results / "source")
+    if test_csv is None:
+        raise FileNotFoundError(f"{data_uri}: no test.csv (filename,max_x,max_y,trustii_id) to submit for")
+    table = read_test_list(test_csv)
+    table.log_problems()
+    pred = pd.read_parquet(predictions / PREDICTIONS_NAME)
+    boxes = slide_boxes(pred, expected_counts(table.rows), cfg)
+    atomic_write(results / "boxes.csv", [boxes.to_csv(index=False).encode()])
+    return write_submission(boxes, table.rows, results / "submission.csv")

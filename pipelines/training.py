@@ -95,10 +95,12 @@ def training(
     seed: int = _S.seed,
     experiment: str = "digilut",
     run_name: str = "digilut-training",
+    register_model: str = "",
 ) -> None:
     """``data_uri``: ``s3://bucket/prefix`` (or a folder, locally) holding images/*.tif and train.csv;
-    ``results_uri``: where boxes.csv, metrics.json and the report are published ("" = artifacts only)."""
-    ing = use_s3_and_tracking(ingest(data_uri=data_uri, batch_size=batch_size))
+    ``results_uri``: where boxes.csv, metrics.json, the report and the fold models are published ("" =
+    artifacts only); ``register_model``: register the ensemble under this MLflow model name ("" = no)."""
+    ing = use_s3_and_tracking(ingest(data_uri=data_uri, batch_size=batch_size, require_boxes=True))
     ing.set_caching_options(False)  # the bucket may have changed since the last run
     tracking = use_s3_and_tracking(start_tracking(run_name=run_name, experiment=experiment))
     tracking.set_caching_options(False)
@@ -161,5 +163,6 @@ def training(
         parent_run_id=tracking.output,
         experiment=experiment,
         results_uri=results_uri,
+        register_model=register_model,
     )
     use_s3_and_tracking(ev).set_caching_options(False)

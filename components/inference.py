@@ -1,0 +1,54 @@
+"""Inference components: fetch a trained ensemble, predict every patch, write the submission.
+
+No ``from __future__ import annotations`` here: KFP reads the real annotation objects.
+"""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from digilut.images import image
+
+BASE = image("base")
+TRAIN = image("train")
+
+
+@dsl.component(base_image=BASE, install_kfp_package=False)
+def fetch_models(model_uri: str, models: Output[Model]):
+    """The ensemble's model files from a folder, an s3:// prefix or MLflow (models:/name/version)."""
+    from pathlib import Path
+
+    from digilut.steps import fetch_models_step
+
+    files = fetch_models_step(model_uri, Path(models.path))
+    models.metadata.update({"models": len(files), "source": model_uri})
+
+
+@dsl.component(base_image=TRAIN, install_kfp_package=False)
+def predict_all(patches: Input[Dataset], models: Input[Model], batch_size: int, predictions: Output[Dataset]):
+    """Mean probability of the ensemble on every patch."""
+    from pathlib import Path
+
+    from digilut.predict import PredictConfig
+    from digilut.steps import predict_all_step
+
+    out = predict_all_step(
+        Path(patches.path), Path(models.path), Path(predictions.path), PredictConfig(batch_size=batch_size)
+    )
+    predictions.metadata.update({"patches": len(out)})
+
+
+@dsl.component(base_image=BASE, install_kfp_package=False)
+def submission(
+    data_uri: str, predictions: Input[Dataset], boxes_method: str, results_uri: str, results: Output[Dataset]
+):
+    """N boxes per slide of test.csv in the challenge format (trustii_id,filename,y1,y2,x1,x2)."""
+    from pathlib import Path
+
+    from digilut.boxes import BoxesConfig
+    from digilut.steps import publish_results, submission_step
+
+    path = submission_step(
+        data_uri, Path(predictions.path), Path(results.path), BoxesConfig(method=boxes_method)
+    )
+    publish_results(Path(results.path), results_uri)
+    results.metadata.update({"submission": path.name})

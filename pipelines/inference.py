@@ -1,0 +1,65 @@
+"""The inference pipeline: new slides in S3 + a trained ensemble → N boxes per slide, in the
+DigiLut submission format.
+
+    ingest ─► extract ×batches (ParallelFor) ─► merge ─► predict_all (GPU) ─► submission
+                                  fetch_models ───────────┘
+
+``data_uri`` holds ``images/*.tif`` and ``test.csv`` (``filename,max_x,max_y,trustii_id``: one row
+per expected box); ``model_uri`` is a training run's ``results/models`` (folder or ``s3://``) or
+an MLflow registry URI ``models:/<name>/<version>``.
+"""
+
+from kfp import dsl
+
+from components.data import extract, ingest, merge
+from components.inference import fetch_models, predict_all, submission
+from digilut.boxes import BoxesConfig
+from digilut.extract import ExtractConfig
+from digilut.predict import PredictConfig
+from pipelines.training import EXTRACT_PARALLELISM, on_gpu, use_s3_and_tracking
+
+_E, _P, _B = ExtractConfig(), PredictConfig(), BoxesConfig()
+
+
+@dsl.pipeline(
+    name="digilut-inference", description="Find N lesion boxes per new slide with a trained ensemble."
+)
+def inference(
+    data_uri: str,
+    model_uri: str,
+    results_uri: str = "",
+    batch_size: int = 8,
+    patch_px: int = _E.patch_px,
+    target_mpp: float = _E.target_mpp,
+    stride_px: int = 128,
+    min_tissue_fraction: float = _E.min_tissue_fraction,
+    tissue_threshold: int = _E.tissue_threshold,
+    predict_batch_size: int = _P.batch_size,
+    boxes_method: str = _B.method,
+) -> None:
+    ing = use_s3_and_tracking(ingest(data_uri=data_uri, batch_size=batch_size, require_boxes=False))
+    ing.set_caching_options(False)
+    with dsl.ParallelFor(ing.outputs["Output"], parallelism=EXTRACT_PARALLELISM) as batch:
+        ex = extract(
+            data_uri=data_uri,
+            slides=batch,
+            patch_px=patch_px,
+            target_mpp=target_mpp,
+            stride_px=stride_px,
+            min_tissue_fraction=min_tissue_fraction,
+            tissue_threshold=tissue_threshold,
+        )
+        use_s3_and_tracking(ex).set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("16Gi")
+    mg = merge(extracted=dsl.Collected(ex.outputs["extracted"]))
+    fm = use_s3_and_tracking(fetch_models(model_uri=model_uri)).set_caching_options(False)
+    pr = predict_all(
+        patches=mg.outputs["patches"], models=fm.outputs["models"], batch_size=predict_batch_size
+    )
+    on_gpu(pr, cpu="8", memory="32Gi").set_caching_options(False)
+    sub = submission(
+        data_uri=data_uri,
+        predictions=pr.outputs["predictions"],
+        boxes_method=boxes_method,
+        results_uri=results_uri,
+    )
+    use_s3_and_tracking(sub).set_caching_options(False)
