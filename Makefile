@@ -20,7 +20,7 @@ export DIGILUT_TAG := $(TAG)
 .PHONY: help install apt test lint format bench demo compile images push submit clean print-images manifests-images lock docker-engine check-tag
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
 apt: ## Install the Debian packages pyFAST needs (OpenCL on the CPU via pocl); skipped when present or not root
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -107,6 +107,16 @@ manifests-images: check-tag ## Write manifests/images/kustomization.yaml: the ov
 
 lock: install ## Regenerate the hashed images/requirements-*.lock from requirements.txt (needs PyPI)
 	$(PY) images/lock.py
+
+demo: install ## The whole pipeline locally: synthetic slides, local S3 + MLflow servers, kfp.local run (KEEP=1 keeps servers)
+	$(VENV)/bin/digilut demo demo-out $(if $(KEEP),--keep,)
+
+compile: install ## Compile the pipelines to pipelines/compiled/*.yaml with the images of REGISTRY/TAG
+	$(VENV)/bin/digilut compile
+
+submit: install ## Submit a training run to Kubeflow (KFP_HOST, DATA_URI=s3://…, optional KFP_NAMESPACE/KFP_TOKEN)
+	@test -n "$(DATA_URI)" || { echo "submit: set DATA_URI=s3://bucket/prefix (images/ + train.csv)"; exit 2; }
+	$(VENV)/bin/digilut submit "$(DATA_URI)"
 
 clean: ## Remove caches and generated outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache bench-out demo-out

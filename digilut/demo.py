@@ -1,0 +1,89 @@
+"""``make demo``: the whole pipeline on this machine against real local servers.
+
+Generates synthetic slides, starts SeaweedFS (S3, credentials required, loopback only) and an
+MLflow tracking server (SQLite backend, artifacts in the S3 bucket), uploads the dataset, runs the
+training pipeline through ``kfp.local`` reading its input from S3 and publishing its results there,
+prints a summary, and stops the servers (``keep=True`` leaves them up).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from digilut.runner import RunResult, run_local
+
+log = logging.getLogger(__name__)
+BUCKET = "digilut"
+DATA_PREFIX = "datasets/demo"
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    run: RunResult
+    results_uri: str
+    mlflow_uri: str
+    s3_endpoint: str
+    tensorboard_cmd: str
+
+
+def run_demo(
+    work: str | Path,
+    *,
+    patients: int = 8,
+    seed: int = 0,
+    size: str = "demo",
+    profile: str = "demo",
+    keep: bool = False,
+    echo: bool = True,
+) -> DemoResult:
+    """Run the demo in ``work`` (data, servers' state, run outputs); see the module docstring."""
+    from digilut.services import start_mlflow, start_s3
+    from digilut.storage import upload_dir
+    from digilut.synth import SynthConfig, synth_dataset
+
+    work = Path(work).resolve()
+    data = work / "data"
+    if not (data / "train.csv").is_file():
+        t0 = time.perf_counter()
+        synth_dataset(data, SynthConfig(patients=patients, seed=seed, size=size))  # type: ignore[arg-type]
+        _say(
+            echo,
+            f"synthetic dataset: {2 * patients} slides ({size}) in {time.perf_counter() - t0:.0f}s -> {data}",
+        )
+    with start_s3(work / "s3", bucket=BUCKET, keep=keep) as s3:
+        cfg = s3.config()
+        _say(echo, f"S3 (SeaweedFS) at {cfg.endpoint_url}, bucket {BUCKET} (credentials required)")
+        upload_dir(cfg, data, DATA_PREFIX)
+        data_uri = f"s3://{BUCKET}/{DATA_PREFIX}"
+        _say(echo, f"dataset uploaded to {data_uri}")
+        with start_mlflow(work / "mlflow", cfg, keep=keep) as mlflow:
+            _say(echo, f"MLflow tracking server at {mlflow.tracking_uri} (artifacts in s3://{BUCKET}/mlflow)")
+            results_uri = f"s3://{BUCKET}/runs/{time.strftime('%Y%m%d-%H%M%S')}"
+            saved = dict(os.environ)
+            os.environ.update({**cfg.to_env(), "MLFLOW_TRACKING_URI": mlflow.tracking_uri})
+            try:
+                run = run_local(
+                    data_uri,
+                    work / "run",
+                    profile=profile,
+                    results_uri=results_uri,
+                    echo=echo,
+                    run_name="demo",
+                    register_model="digilut-ensemble",
+                )
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+            tb = f"{Path(sys.executable).parent / 'tensorboard'} --logdir {work / 'run' / 'kfp-root'}"
+            return DemoResult(run, results_uri, mlflow.tracking_uri, str(cfg.endpoint_url), tb)
+
+
+def _say(echo: bool, msg: str) -> None:
+    log.info("%s", msg)
+    if echo:
+        print(msg, flush=True)
