@@ -1,0 +1,101 @@
+"""The whole training pipeline through kfp.local with the real S3 (SeaweedFS) and MLflow servers.
+
+One run on tiny synthetic slides (plus one corrupt slide) read from S3: asserts the objects in the
+bucket, the MLflow parent run with one child per fold, a valid boxes.csv and a score, and that the
+corrupt slide is reported while the others finish.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from digilut.runner import run_local
+from digilut.storage import list_keys, upload_dir
+from digilut.synth import SynthConfig, synth_dataset
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(s3_server, mlflow_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    data = tmp / "data"
+    synth_dataset(data, SynthConfig(patients=6, seed=2, size="tiny", positive_fraction=0.85))
+    good = sorted((data / "images").iterdir())[0].read_bytes()
+    (data / "images" / "broken_a.tif").write_bytes(good[: len(good) // 2])  # truncated: must be skipped
+    cfg = s3_server.config()
+    upload_dir(cfg, data, "e2e/data")
+    env = {**cfg.to_env(), "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri}
+    mp = pytest.MonkeyPatch()
+    for k, v in env.items():
+        mp.setenv(k, v)
+    try:
+        result = run_local(
+            f"s3://{cfg.bucket}/e2e/data",
+            tmp / "out",
+            profile="tiny",
+            results_uri=f"s3://{cfg.bucket}/e2e/results",
+            echo=False,
+            experiment="digilut-e2e",
+            run_name="e2e",
+            register_model="digilut-e2e-ensemble",
+        )
+    finally:
+        mp.undo()
+    yield result, cfg, data
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_results_are_published_to_s3(pipeline_run):
+    _, cfg, _ = pipeline_run
+    keys = set(list_keys(cfg, "e2e/results/"))
+    for name in ("boxes.csv", "metrics.json", "report.html", "report.md", "roc.png"):
+        assert f"e2e/results/{name}" in keys
+    assert {"e2e/results/models/fold0.pt", "e2e/results/models/fold1.pt"} <= keys
+    assert any(k.startswith("e2e/results/pictures/") for k in keys)
+    assert any(k.startswith("mlflow/") for k in list_keys(cfg, "mlflow/"))  # MLflow artifacts in the bucket
+
+
+def test_boxes_and_score(pipeline_run):
+    result, _, data = pipeline_run
+    boxes = pd.read_csv(result.boxes_csv)
+    assert {"filename", "x1", "x2", "y1", "y2", "score"} <= set(boxes.columns)
+    assert (boxes.x1 < boxes.x2).all() and (boxes.y1 < boxes.y2).all()
+    truth = pd.read_csv(data / "train.csv")
+    metrics = json.loads(result.metrics_json.read_text())
+    scored = {s["slide"]: s for s in metrics["score"]["slides"]}
+    assert scored, "the held-out patients have lesions to score"
+    for slide, s in scored.items():  # exactly N boxes per held-out slide
+        n = int((truth.filename == slide).sum())
+        assert s["n_truth"] == n and int((boxes.filename == slide).sum()) == n
+    assert 0.0 <= metrics["mean_f2"] <= 1.0
+    assert 0.0 <= metrics["patch"]["auroc"] <= 1.0
+
+
+def test_mlflow_parent_run_has_one_child_per_fold(pipeline_run, mlflow_server):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.tracking_uri)
+    exp = client.get_experiment_by_name("digilut-e2e")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.info.run_name == "e2e"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2
+    assert "mean_f2" in parent.data.metrics
+    assert all("val_loss" in c.data.metrics for c in children)
+    assert client.get_registered_model("digilut-e2e-ensemble").name == "digilut-e2e-ensemble"
+
+
+def test_a_corrupt_slide_is_reported_and_the_run_completes(pipeline_run):
+    result, _, data = pipeline_run
+    (merged,) = result.out_dir.glob("kfp-root/*/merge/patches/report.json")
+    report = json.loads(merged.read_text())["slides"]
+    assert report["broken_a.tif"]["status"] == "failed" and "broken_a.tif" in report["broken_a.tif"]["error"]
+    ok = [s for s, r in report.items() if r["status"] == "ok"]
+    assert len(ok) == len(list((data / "images").iterdir())) - 1
