@@ -3,7 +3,8 @@
 Lesions with the real DigiLut box sizes and per-slide counts (``bench/data/digilut_box_sizes.csv``:
 the 927 training boxes of 251 slides, anonymised, sizes and nearest-neighbour gaps only) are placed
 on a synthetic slide; a *perfect classifier* then gives each patch the label the labeller gives it:
-1 when the truth boxes cover at least 10 % of the patch (intersection / patch area ≥ 0.1), else 0.
+1 when a truth box covers at least 10 % of the patch (intersection / patch area ≥ 0.1, the best box,
+as :func:`digilut.labels.overlap_scores` does), else 0.
 Patches tile the whole lesion region (all tissue) at
 
 * stride 128 px at 20x = 256 level-0 px, patch 512 level-0 px (the pipeline's prediction grid),
@@ -134,7 +135,7 @@ def oracle_patches(
     p = grid.patch_px
     iw = np.clip(np.minimum(x0[:, None] + p, b[None, :, 1]) - np.maximum(x0[:, None], b[None, :, 0]), 0, None)
     ih = np.clip(np.minimum(y0[:, None] + p, b[None, :, 3]) - np.maximum(y0[:, None], b[None, :, 2]), 0, None)
-    cover = np.minimum((iw * ih).sum(axis=1) / (p * p), 1.0)
+    cover = (iw * ih).max(axis=1) / (p * p)  # the labeller's rule: the best single box
     prob = (cover >= LABEL_MIN_OVERLAP).astype(np.float64)
     if noisy:
         flip = (prob == 0) & (rng.random(len(prob)) < 0.05)

@@ -217,10 +217,10 @@ def touching_patches(hm: Heatmap, cells: np.ndarray) -> np.ndarray:
 
 
 def _refined(
-    hm: Heatmap, box: tuple[float, float, float, float], ignore: np.ndarray | None, cfg: BoxesConfig
+    hm: Heatmap, box: tuple[float, float, float, float], explained: np.ndarray | None, cfg: BoxesConfig
 ) -> tuple[float, float, float, float]:
-    win = patch_window(hm, box, cfg.label_min_overlap, ignore)
-    return refine_box(win, box, cfg.fit_miss_weight)
+    win = patch_window(hm, box, cfg.label_min_overlap, miss_weight=cfg.fit_miss_weight, explained=explained)
+    return refine_box(win, box)
 
 
 def _split_pays(
@@ -228,20 +228,24 @@ def _split_pays(
 ) -> bool:
     """Do one box per part explain the component's patches better than one box, by split_min_gain?"""
     others = (labels != 0) & (labels != i)
-    ignore = touching_patches(hm, others)
+    explained = touching_patches(hm, others)
     parts = np.where(others, -1, 0).astype(np.int32)
     parts[sl] = np.where(labels[sl] == i, split, parts[sl])
     whole = np.where(parts > 0, 1, parts)
     single = fit_box(hm, whole, 1, cfg.profile_fraction, sl)
-    win = patch_window(hm, single, cfg.label_min_overlap, ignore)
-    single = refine_box(win, single, cfg.fit_miss_weight)
+    win = patch_window(
+        hm, single, cfg.label_min_overlap, miss_weight=cfg.fit_miss_weight, explained=explained
+    )
+    single = refine_box(win, single)
     boxes = []
     for j in range(1, int(split.max()) + 1):
         b = fit_box(hm, parts, j, cfg.profile_fraction)
-        boxes.append(_refined(hm, b, ignore | touching_patches(hm, (parts > 0) & (parts != j)), cfg))
-    gain = win.loss([single], cfg.fit_miss_weight) - win.loss(boxes, cfg.fit_miss_weight)
-    log.debug("%s: split into %d at gain %.1f patches", hm.slide, len(boxes), gain)
-    return gain >= cfg.split_min_gain
+        boxes.append(_refined(hm, b, explained | touching_patches(hm, (parts > 0) & (parts != j)), cfg))
+    loss = win.loss([single])
+    gain = loss - win.loss(boxes)
+    ok = gain >= cfg.split_min_gain
+    log.debug("%s: split into %d: gain %.1f of loss %.1f patches → %s", hm.slide, len(boxes), gain, loss, ok)
+    return ok
 
 
 def _hysteresis_candidates(hm: Heatmap, cfg: BoxesConfig) -> tuple[np.ndarray, list[_Candidate]]:

@@ -99,7 +99,7 @@ def _check_patches(patches: pd.DataFrame) -> None:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ConfigError(
-            f"prob={probs[i]!r} of patch {patches['slide'].iloc[i]} x0={patches['x0'].iloc[i]} "
+            f"prob={float(probs[i])!r} of patch {patches['slide'].iloc[i]} x0={patches['x0'].iloc[i]} "
             f"y0={patches['y0'].iloc[i]} is not a probability in [0, 1] ({int(bad.sum())} such row(s))"
         )
 

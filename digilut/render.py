@@ -146,11 +146,13 @@ def render_heatmap_png(
         )
         ax.set_title(name if zoomed else "level-0 px", fontsize=8)
     fig.suptitle(title, fontsize=11)
-    handles = [
-        Line2D([], [], color=TRUTH_COLOUR, lw=2, label=f"truth ({len(tb)})"),
-        Line2D([], [], color=PRED_COLOUR, lw=2, ls="--", label=f"predicted ({len(pb)})"),
-    ]
-    axes[-1].legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.85)
+    handles = []
+    if truth is not None:
+        handles.append(Line2D([], [], color=TRUTH_COLOUR, lw=2, label=f"truth ({len(tb)})"))
+    if pred is not None:
+        handles.append(Line2D([], [], color=PRED_COLOUR, lw=2, ls="--", label=f"predicted ({len(pb)})"))
+    if handles:
+        axes[-1].legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.85)
     if heatmap is not None:
         mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=CMAP)
         fig.colorbar(mappable, ax=list(axes), shrink=0.6, label="lesion probability")

@@ -19,6 +19,7 @@ Box columns everywhere: ``x1,x2`` = xmin,xmax and ``y1,y2`` = ymin,ymax, level-0
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +96,7 @@ class ScoreResult:
             "mean_f2": self.mean_f2,
             "mode": "lenient" if self.lenient else "one-to-one",
             "n_slides": len(self.slides),
-            "slides": self.slides.to_dict("records"),
+            "slides": json.loads(self.slides.to_json(orient="records")),
             "left_out": self.left_out,
             "warnings": self.warnings,
         }
@@ -188,7 +189,13 @@ def read_predictions_csv(path: str | Path) -> pd.DataFrame:
 def read_truth_csv(path: str | Path) -> pd.DataFrame:
     """Read truth boxes: a challenge box CSV (validated by :func:`~digilut.annotations.read_boxes_csv`,
     bad rows dropped with a warning) or, without ``max_x,max_y``, a plain ``filename,x1,x2,y1,y2``."""
-    header = pd.read_csv(path, nrows=0).columns.str.strip()
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"{path}: truth CSV not found")
+    try:
+        header = pd.read_csv(path, nrows=0).columns.str.strip()
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise AnnotationError(f"{path}: not a readable CSV ({err})") from err
     if all(c in header for c in BOX_COLUMNS):
         table = read_boxes_csv(path)
         table.log_problems()
