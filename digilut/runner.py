@@ -26,12 +26,11 @@ from digilut.profiles import profile_params
 
 log = logging.getLogger(__name__)
 _ANSI = r"(?:\x1b\[[0-9;]*m)*"  # kfp.local colours task names and statuses
-_TASK = re.compile(
-    rf"Task {_ANSI}'?{_ANSI}(?P<task>[\w-]+){_ANSI}'?{_ANSI} (?P<what>finished with status|started)"
-)
+_NAME = rf"{_ANSI}'?{_ANSI}(?P<task>[\w-]+){_ANSI}'?{_ANSI}"
+_TASK = re.compile(rf"(?P<what>Executing task|Task) {_NAME}(?: finished with status|$)")
 _STATUS = re.compile(rf"status {_ANSI}(?P<status>[A-Z]+)")
 _STEPS = r"\[\d+/\d+\]|prepare:|merge:|labels:|split:|fold \d+|epoch|predict:|evaluate:|ingest|report:"
-_PROGRESS = re.compile(rf"digilut\.\w+: (?:{_STEPS})")
+_PROGRESS = re.compile(rf"INFO\]: (?:{_STEPS})")  # our log lines, as the KFP executor prints them
 
 
 class PipelineRunError(DigilutError, RuntimeError):
@@ -102,7 +101,7 @@ def run_local(
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     failed: list[str] = []
-    started: dict[str, float] = {}
+    started: dict[str, list[float]] = {}  # parallel iterations share a task name
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         assert proc.stdout is not None
@@ -111,22 +110,22 @@ def run_local(
             m = _TASK.search(line)
             if m:
                 task = m.group("task")
-                if m.group("what") == "started":
-                    started[task] = time.perf_counter()
+                if m.group("what") == "Executing task":
+                    started.setdefault(task, []).append(time.perf_counter())
                     continue
                 status = (
                     (_STATUS.search(line) or _STATUS.search("status ?")).group("status")
                     if _STATUS.search(line)
                     else "?"
                 )
-                took = time.perf_counter() - started.pop(task, t0)
+                took = time.perf_counter() - (started.get(task) or [t0]).pop(0)
                 msg = f"[{time.perf_counter() - t0:6.0f}s] step {task:<16} {status} ({took:.0f}s)"
                 if status != "SUCCESS":
                     failed.append(task)
                 if echo:
                     print(msg, flush=True)
             elif echo and _PROGRESS.search(line):
-                print("          " + line.rstrip().split(": ", 1)[-1][:150], flush=True)
+                print("          " + line.rstrip().split("INFO]: ", 1)[-1][:150], flush=True)
         rc = proc.wait()
     if rc != 0 or failed:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
