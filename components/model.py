@@ -13,15 +13,22 @@ TRAIN = image("train")
 
 
 @dsl.component(base_image=BASE, install_kfp_package=False)
-def start_tracking(run_name: str, experiment: str) -> str:
-    """Open the MLflow parent run of this pipeline run (MLFLOW_TRACKING_URI from the environment)."""
+def start_tracking(run_name: str, experiment: str, tracking: Output[Artifact]):
+    """Open the MLflow parent run of this pipeline run (MLFLOW_TRACKING_URI from the environment).
+
+    The run id travels as a small artifact (a file), not a parameter: kfp.local does not resolve an
+    upstream task's parameter inside a ParallelFor, artifacts it does.
+    """
     import os
+    from pathlib import Path
 
     from digilut.steps import start_tracking_step
     from digilut.tracking import TrackingConfig
 
     cfg = TrackingConfig(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""), experiment=experiment)
-    return start_tracking_step(run_name, cfg)
+    run_id = start_tracking_step(run_name, cfg)
+    Path(tracking.path).write_text(run_id)
+    tracking.metadata.update({"mlflow_run_id": run_id, "experiment": experiment})
 
 
 @dsl.component(base_image=TRAIN, install_kfp_package=False)
@@ -37,7 +44,7 @@ def train_fold(
     lr: float,
     seed: int,
     experiment: str,
-    parent_run_id: str,
+    tracking_run: Input[Artifact],
     model: Output[Model],
     tensorboard: Output[Artifact],
     metrics: Output[Metrics],
@@ -55,6 +62,7 @@ def train_fold(
         arch=arch, loss=loss, input_px=input_px, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
     )
     tracking = TrackingConfig(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""), experiment=experiment)
+    parent_run_id = Path(tracking_run.path).read_text().strip()
     result = train_step(
         Path(patches.path),
         Path(split.path),
@@ -109,7 +117,7 @@ def evaluate(
     thumbnails: Input[Dataset],
     boxes_method: str,
     tune_boxes: bool,
-    parent_run_id: str,
+    tracking_run: Input[Artifact],
     experiment: str,
     results_uri: str,
     register_model: str,
@@ -142,6 +150,7 @@ def evaluate(
         tune_boxes=tune_boxes,
     )
     figures = run_figures(ev, pd.read_parquet(Path(predictions.path) / PREDICTIONS_NAME))
+    parent_run_id = Path(tracking_run.path).read_text().strip()
     tracking = TrackingConfig(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""), experiment=experiment)
     publish_step(out, results_uri, tracking, parent_run_id, figures, register_model=register_model)
     for k, v in figures.scalars.items():

@@ -143,7 +143,7 @@ def training(
             lr=lr,
             seed=seed,
             experiment=experiment,
-            parent_run_id=tracking.output,
+            tracking_run=tracking.outputs["tracking"],
         )
         on_gpu(use_s3_and_tracking(tr)).set_caching_options(False)
     pr = predict(
@@ -160,7 +160,7 @@ def training(
         thumbnails=mg.outputs["thumbnails"],
         boxes_method=boxes_method,
         tune_boxes=tune_boxes,
-        parent_run_id=tracking.output,
+        tracking_run=tracking.outputs["tracking"],
         experiment=experiment,
         results_uri=results_uri,
         register_model=register_model,
