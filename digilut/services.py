@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -32,13 +33,14 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from digilut.errors import ConfigError, ServiceError, StorageError
-from digilut.storage import S3Config, check_bucket
+from digilut.errors import ConfigError, ServiceError
+from digilut.storage import S3Config, s3_client
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 _WEED_PORTS = ("s3", "master", "volume", "filer", "admin")
+_PROBE_KEY = ".digilut-ready-probe"
 
 
 def free_ports(n: int, host: str = HOST) -> list[int]:
@@ -87,6 +89,20 @@ def group_pids(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             pids.append(int(entry.name))
     return pids
+
+
+def stop_group(pgid: int, timeout_s: float = 15.0) -> None:
+    """SIGTERM process group ``pgid`` (not our child: e.g. servers left up by ``--keep``), wait up
+    to ``timeout_s``, SIGKILL what is left; raise :class:`ServiceError` if anything survives."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait_s
+        while group_pids(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not group_pids(pgid):
+            return
+    raise ServiceError(f"process group {pgid}: processes {group_pids(pgid)} survive SIGKILL")
 
 
 class Service:
@@ -303,12 +319,15 @@ class S3Server(Service):
         conf = self._write_conf()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
         self.launch(self.argv(conf), env, cwd=self.data_dir)
-        probe_cfg = self.config(retry_timeout_s=1.0)
+        client = s3_client(self.config(connect_timeout_s=1.0, read_timeout_s=5.0), max_attempts=1)
 
         def ready() -> bool:
+            """A signed write and delete succeed: S3 gateway, filer, bucket and a volume server
+            are all up (a restarted gateway answers HEAD seconds before writes work)."""
             try:
-                check_bucket(probe_cfg, timeout_s=1.0)
-            except StorageError:
+                client.put_object(Bucket=self.bucket, Key=_PROBE_KEY, Body=b"x" * 1024)
+                client.delete_object(Bucket=self.bucket, Key=_PROBE_KEY)
+            except Exception:  # any botocore error: not ready yet
                 return False
             return True
 
@@ -359,11 +378,22 @@ class MlflowServer(Service):
 
     name = "MLflow"
 
-    def __init__(self, backend_dir: Path, artifacts_uri: str, port: int, *, keep: bool = False) -> None:
+    def __init__(
+        self,
+        backend_dir: Path,
+        s3: S3Config,
+        artifacts_uri: str,
+        port: int,
+        *,
+        workers: int = 1,
+        keep: bool = False,
+    ) -> None:
         super().__init__(backend_dir / "mlflow.log", keep=keep)
         self.backend_dir = backend_dir
+        self.s3 = s3
         self.artifacts_uri = artifacts_uri
         self.port = port
+        self.workers = workers
 
     def __repr__(self) -> str:
         return f"MlflowServer({self.tracking_uri}, artifacts={self.artifacts_uri!r}, pid={self.pid})"
@@ -371,6 +401,41 @@ class MlflowServer(Service):
     @property
     def tracking_uri(self) -> str:
         return f"http://{HOST}:{self.port}"
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.backend_dir / 'mlflow.db'}",
+            "--artifacts-destination",
+            self.artifacts_uri,
+            "--serve-artifacts",
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+            # Host headers accepted (DNS-rebinding protection): this server's loopback names only
+            "--allowed-hosts",
+            f"{HOST}:{self.port},localhost:{self.port},{HOST},localhost",
+        ]
+
+    def start(self, timeout_s: float = 120.0) -> MlflowServer:
+        """Start (or restart, same port and store) and wait until ``/health`` answers."""
+        if self.running():
+            raise ServiceError(f"{self.name} already running (pid {self.pid})")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "MLFLOW_TRACKING_URI"}
+        env |= self.s3.to_env()
+        # MLflow 3's job runner (huey consumers for GenAI evaluation jobs) is unused here and adds
+        # processes and seconds to the start
+        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+        self.launch(self.argv(), env, cwd=self.backend_dir)
+        self._wait_ready(self._healthy, timeout_s, self.tracking_uri)
+        return self
 
     def _healthy(self) -> bool:
         try:
@@ -393,40 +458,93 @@ def start_mlflow(
     """Start ``mlflow server`` on 127.0.0.1 (``port``, a free one if None).
 
     Runs and metrics go to ``backend_dir/mlflow.db`` (SQLite); artifacts are proxied by the server
-    (``--serve-artifacts``) to ``artifacts_uri`` (default ``s3://<s3.bucket>/mlflow``), so clients
-    need only the tracking URI, not S3 keys.
+    (``--serve-artifacts``) to ``artifacts_uri`` (default ``s3://<s3.bucket>/mlflow``) with the keys
+    of ``s3``, so clients need only the tracking URI, not S3 keys.
     """
     backend_dir = Path(backend_dir).resolve()
     backend_dir.mkdir(parents=True, exist_ok=True)
     artifacts_uri = artifacts_uri or f"s3://{s3.bucket}/mlflow"
     if not artifacts_uri.startswith("s3://"):
         raise ConfigError(f"artifacts_uri={artifacts_uri!r}: expected s3://bucket/prefix")
+    if workers < 1:
+        raise ConfigError(f"workers={workers} must be ≥ 1")
     port = port or free_ports(1)[0]
-    server = MlflowServer(backend_dir, artifacts_uri, port, keep=keep)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "MLFLOW_TRACKING_URI"}
-    env |= s3.to_env()
-    # MLflow 3's job runner (huey consumers for GenAI evaluation jobs) is unused here and adds
-    # several processes and seconds to the start
-    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    argv = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{backend_dir / 'mlflow.db'}",
-        "--artifacts-destination",
-        artifacts_uri,
-        "--serve-artifacts",
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        "--allowed-hosts",
-        f"{HOST}:{port},localhost:{port},{HOST},localhost",
-    ]
-    server.launch(argv, env, cwd=backend_dir)
-    server._wait_ready(server._healthy, timeout_s, server.tracking_uri)
-    return server
+    server = MlflowServer(backend_dir, s3, artifacts_uri, port, workers=workers, keep=keep)
+    return server.start(timeout_s)
+
+
+def write_env_file(path: str | Path, s3: S3Config, tracking_uri: str | None = None) -> Path:
+    """Write ``export NAME=value`` lines that point digilut, boto3 and MLflow at these servers
+    (``source`` it in a shell). Mode 0600: it holds the S3 keys."""
+    env = s3.to_env()
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.writelines(f"export {name}={shlex.quote(value)}\n" for name, value in sorted(env.items()))
+    return path
+
+
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """The variables of a file written by :func:`write_env_file` (empty if there is none)."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return {}
+    env = {}
+    for line in text.splitlines():
+        words = shlex.split(line)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            name, value = words[1].split("=", 1)
+            env[name] = value
+    return env
+
+
+def save_state(path: str | Path, services: list[Service]) -> Path:
+    """Record running servers (process group, program, address; no keys) for :func:`stop_saved`."""
+    entries = []
+    for svc in services:
+        if svc.pid is None:
+            continue
+        address = svc.endpoint_url if isinstance(svc, S3Server) else getattr(svc, "tracking_uri", "")
+        entries.append({"name": svc.name, "pgid": svc.pid, "program": _program(svc.pid), "address": address})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"services": entries}, indent=2))
+    return path
+
+
+def _program(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def running_saved(path: str | Path) -> list[dict[str, object]]:
+    """The servers recorded by :func:`save_state` that still run (``name``, ``pgid``, ``address``):
+    a live process group whose leader, if alive, runs the recorded program (a reused pid is not
+    one of ours)."""
+    try:
+        entries = json.loads(Path(path).read_text())["services"]
+    except FileNotFoundError:
+        return []
+    alive = []
+    for entry in entries:
+        pgid = int(entry["pgid"])
+        program = _program(pgid)
+        if group_pids(pgid) and (not program or program == entry["program"]):
+            alive.append(entry)
+    return alive
+
+
+def stop_saved(path: str | Path, timeout_s: float = 15.0) -> list[str]:
+    """Stop the servers recorded by :func:`save_state` that still run; return their names."""
+    stopped = []
+    for entry in running_saved(path):
+        stop_group(int(str(entry["pgid"])), timeout_s)
+        stopped.append(str(entry["name"]))
+    Path(path).unlink(missing_ok=True)
+    return stopped

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from digilut.services import MlflowServer, S3Server, start_mlflow, start_s3
+from digilut.services import MlflowServer, S3Server, group_pids, start_mlflow, start_s3
 from digilut.storage import S3Config
 
 
@@ -21,8 +21,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A SeaweedFS S3 server on 127.0.0.1 with bucket ``digilut`` and random keys
     (``s3_server.config()`` holds them), shared by the session."""
     server = start_s3(tmp_path_factory.mktemp("s3"))
+    pgid = server.pid
     yield server
     server.stop()
+    assert pgid is not None and group_pids(pgid) == [], "stop() left SeaweedFS processes running"
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +32,10 @@ def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory)
     """An MLflow server on 127.0.0.1 (SQLite store) whose artifacts go to ``s3://digilut/mlflow``
     on ``s3_server``; clients need only ``mlflow_server.tracking_uri``."""
     server = start_mlflow(tmp_path_factory.mktemp("mlflow"), s3_server.config())
+    pgid = server.pid
     yield server
     server.stop()
+    assert pgid is not None and group_pids(pgid) == [], "stop() left MLflow processes running"
 
 
 @pytest.fixture
@@ -61,4 +65,4 @@ def private_s3(tmp_path: Path) -> Iterator[S3Server]:
     """An S3 server of the test's own, which it may kill and restart."""
     server = start_s3(tmp_path / "s3")
     yield server
-    server.stop()
+    server.kill()  # a graceful stop takes weed ~3 s; tests of stop() are elsewhere

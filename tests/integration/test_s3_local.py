@@ -198,3 +198,34 @@ def test_stop_leaves_no_process_and_no_port(tmp_path):
     for port in server.ports.values():
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, port
+
+
+def test_cli_upload_then_download_a_folder(s3_env, s3_prefix, tmp_path):
+    from typer.testing import CliRunner
+
+    from digilut.cli import app
+
+    src = tmp_path / "data"
+    _random_file(src / "images/p1_a.tif", 30_000, seed=1)
+    _random_file(src / "train.csv", 100, seed=2)
+    runner = CliRunner()
+    up = runner.invoke(app, ["-q", "s3", "upload", str(src), f"s3://digilut/{s3_prefix}"])
+    assert up.exit_code == 0, up.output
+    assert list_keys(s3_env, s3_prefix) == [f"{s3_prefix}/images/p1_a.tif", f"{s3_prefix}/train.csv"]
+    again = runner.invoke(app, ["-q", "s3", "upload", str(src), f"s3://digilut/{s3_prefix}"])
+    assert "2 already there" in again.output
+    down = runner.invoke(app, ["-q", "s3", "download", f"s3://digilut/{s3_prefix}", str(tmp_path / "back")])
+    assert down.exit_code == 0, down.output
+    assert _sha256(tmp_path / "back/images/p1_a.tif") == _sha256(src / "images/p1_a.tif")
+
+
+def test_cli_reports_an_unreachable_endpoint(s3_env, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from digilut.cli import app
+
+    port = free_ports(1)[0]
+    monkeypatch.setenv("DIGILUT_S3_ENDPOINT", f"http://127.0.0.1:{port}")
+    result = CliRunner().invoke(app, ["-q", "s3", "upload", str(tmp_path), "s3://digilut/x"])
+    assert result.exit_code == 2
+    assert f"127.0.0.1:{port}" in result.output and "unreachable" in result.output

@@ -80,3 +80,37 @@ def test_free_ports_are_distinct():
 
 def test_weed_binary_is_found():
     assert os.access(find_weed(), os.X_OK)
+
+
+def test_env_file_round_trip_is_private_and_quoted(tmp_path: Path):
+    from digilut.services import read_env_file, write_env_file
+    from digilut.storage import S3Config
+
+    cfg = S3Config("http://127.0.0.1:9000", "digilut", access_key_id="id", secret_access_key="s'e c$r\"et")
+    path = write_env_file(tmp_path / "s3.env", cfg, "http://127.0.0.1:5000")
+    assert path.stat().st_mode & 0o777 == 0o600
+    env = read_env_file(path)
+    assert (
+        env["AWS_SECRET_ACCESS_KEY"] == "s'e c$r\"et"
+        and env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+    )
+    assert S3Config.from_env(env) == cfg
+    assert read_env_file(tmp_path / "none.env") == {}
+
+
+def test_saved_state_stops_a_group_left_running_but_not_a_reused_pid(tmp_path: Path):
+    import json
+
+    from digilut.services import running_saved, save_state, stop_saved
+
+    svc = _start_family(tmp_path)
+    state = save_state(tmp_path / "services.json", [svc])
+    assert [e["pgid"] for e in running_saved(state)] == [svc.pid]
+    recorded = json.loads(state.read_text())
+    recorded["services"][0]["program"] = "/usr/bin/some-other-program"  # the pid was reused
+    state.write_text(json.dumps(recorded))
+    assert stop_saved(state) == []
+    assert svc.pid is not None and len(group_pids(svc.pid)) == 2
+    save_state(state, [svc])
+    assert stop_saved(state, timeout_s=0.5) == ["service"]
+    assert group_pids(svc.pid) == [] and not state.exists()
