@@ -36,9 +36,10 @@ ZOOM_MAX_AREA_FRACTION = 0.25  # zoom panel when the region of interest is small
 
 
 def _heatmap_rgba(hm: Heatmap) -> np.ndarray:
-    """Colour from the probability; glass transparent, low probabilities faint."""
-    rgba = colormaps[CMAP](np.clip(hm.prob, 0.0, 1.0))
-    rgba[..., 3] = np.where(hm.count > 0, 0.15 + 0.65 * np.clip(hm.prob, 0.0, 1.0), 0.0)
+    """Colour from the probability; glass and probabilities under 5 % transparent, low ones faint."""
+    prob = np.clip(hm.prob, 0.0, 1.0)
+    rgba = colormaps[CMAP](prob)
+    rgba[..., 3] = np.where((hm.count > 0) & (prob >= 0.05), 0.2 + 0.6 * prob, 0.0)
     return rgba
 
 
