@@ -252,6 +252,21 @@ class S3Server(Service):
     def endpoint_url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    def kill(self) -> None:
+        super().kill()
+        self._remove_sockets()
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        super().stop(timeout_s)
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        """weed leaves Unix sockets named after its ports in the temp folder when killed."""
+        tmp = Path(os.environ.get("TMPDIR") or "/tmp")
+        for port in self.ports.values():
+            for sock in tmp.glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
+
     def config(self, **overrides: object) -> S3Config:
         """Client settings for this server (``overrides``: other :class:`S3Config` fields)."""
         values: dict[str, object] = {
@@ -351,6 +366,8 @@ def start_s3(
     may use it. Data persists in ``data_dir``, so a restart on the same folder keeps the objects.
     """
     data_dir = Path(data_dir).resolve()
+    if "," in str(data_dir):
+        raise ConfigError(f"data_dir={data_dir}: weed reads ',' as a list of folders; choose a path without")
     S3Config(endpoint_url=None, bucket=bucket)  # validates the bucket name
     access_key = access_key or "digilut-" + secrets.token_hex(6)
     secret_key = secret_key or secrets.token_urlsafe(30)

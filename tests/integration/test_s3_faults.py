@@ -42,14 +42,14 @@ def _sha256(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def big_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """128 MiB of random bytes: 16 parts of 8 MiB, 4 in flight (the default concurrency)."""
-    return _write_random(tmp_path_factory.mktemp("faults") / "big.bin", 128 * MiB)
+    """80 MiB of random bytes: 10 parts of 8 MiB, 4 in flight (the default concurrency)."""
+    return _write_random(tmp_path_factory.mktemp("faults") / "big.bin", 80 * MiB)
 
 
 @pytest.fixture(scope="module")
 def mid_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """40 MiB: 5 parts of 8 MiB, enough for a part to fail while others are in flight."""
-    return _write_random(tmp_path_factory.mktemp("faults") / "mid.bin", 40 * MiB)
+    """28 MiB: 4 parts of 8 MiB (the last short), all in flight when the server dies."""
+    return _write_random(tmp_path_factory.mktemp("faults") / "mid.bin", 28 * MiB)
 
 
 def _uploads(server: S3Server) -> list[dict]:

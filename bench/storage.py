@@ -1,0 +1,130 @@
+"""Uploads through an S3 outage: boto3's transfer manager vs :func:`digilut.storage.upload_file`.
+
+A local SeaweedFS server is SIGKILLed 1.5 s into a 512 MiB upload and restarted 1 s later (as a
+pod restart of an object store would do), then the object is downloaded and compared. Also the
+throughput of each client with no outage. Each run gets a fresh server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+SIZE_MIB = 512
+KILL_AT_S = 1.5
+DOWN_S = 1.0
+
+
+def _boto3_upload(cfg, path: Path, key: str, *, retries: dict, concurrency: int = 10) -> None:
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+    from botocore.config import Config
+
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=cfg.endpoint_url,
+        region_name=cfg.region,
+        aws_access_key_id=cfg.access_key_id,
+        aws_secret_access_key=cfg.secret_access_key,
+        config=Config(retries=retries, s3={"addressing_style": "path"}),
+    )
+    client.upload_file(str(path), cfg.bucket, key, Config=TransferConfig(max_concurrency=concurrency))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _run(
+    name: str, upload: Callable, src: Path, work: Path, outage: bool
+) -> tuple[str, str, float, float | None]:
+    from digilut.services import start_s3
+    from digilut.storage import download_file, s3_client
+
+    server = start_s3(work / re.sub(r"[^a-z0-9]+", "_", name.lower()))
+    cfg = server.config()
+    back_at: list[float] = []
+
+    def chaos() -> None:
+        time.sleep(KILL_AT_S)
+        server.kill()
+        time.sleep(DOWN_S)
+        server.start()
+        back_at.append(time.monotonic() - t0)
+
+    thread = threading.Thread(target=chaos) if outage else None
+    t0 = time.monotonic()
+    if thread:
+        thread.start()
+    try:
+        upload(cfg, src, "bench.bin")
+        seconds = time.monotonic() - t0
+        result = "ok"
+    except Exception as err:
+        seconds = time.monotonic() - t0
+        result = f"FAILED ({type(err).__name__})"
+    if thread:
+        thread.join()
+    if result == "ok":
+        got = download_file(cfg, "bench.bin", work / "back.bin")
+        result = "ok, same SHA-256" if _sha256(got) == _sha256(src) else "CORRUPT"
+        got.unlink()
+    left = s3_client(cfg).list_multipart_uploads(Bucket=cfg.bucket).get("Uploads", [])
+    if left:
+        result += f", {len(left)} incomplete upload(s) left"
+    server.stop()
+    return name, result, seconds, (back_at[0] if back_at else None)
+
+
+def main(out: Path) -> None:
+    from digilut.storage import upload_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-storage-") as tmp:
+        work = Path(tmp)
+        src = work / "src.bin"
+        rng = np.random.default_rng(0)
+        with open(src, "wb") as fh:
+            for _ in range(SIZE_MIB // 16):
+                fh.write(rng.bytes(16 * 2**20))
+        clients: list[tuple[str, Callable]] = [
+            ("boto3 defaults", lambda c, p, k: _boto3_upload(c, p, k, retries={"mode": "legacy"})),
+            (
+                "boto3 standard, 10 attempts",
+                lambda c, p, k: _boto3_upload(c, p, k, retries={"mode": "standard", "max_attempts": 10}),
+            ),
+            ("digilut upload_file", lambda c, p, k: upload_file(c, p, k)),
+        ]
+        rows = [_run(name, fn, src, work, outage=False) for name, fn in clients]
+        rows += [_run(f"{name} + outage", fn, src, work, outage=True) for name, fn in clients]
+
+    print(
+        f"{SIZE_MIB} MiB upload to local SeaweedFS; outage: SIGKILL at {KILL_AT_S} s, back after {DOWN_S} s"
+    )
+    print(f"{'client':<40} {'result':<45} {'time s':>7} {'MB/s':>6} {'server back at s':>17}")
+    for name, result, seconds, back in rows:
+        rate = SIZE_MIB * 2**20 / 1e6 / seconds if result.startswith("ok") else float("nan")
+        back_s = f"{back:.1f}" if back is not None else "-"
+        print(f"{name:<40} {result:<45} {seconds:>7.1f} {rate:>6.0f} {back_s:>17}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    colors = ["tab:green" if r[1].startswith("ok") else "tab:red" for r in rows]
+    ax.barh([r[0] for r in rows], [r[2] for r in rows], color=colors)
+    ax.set_xlabel("seconds until the upload returned (green: completed, red: raised)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out / "upload_outage.png", dpi=120)
+    print(f"figure: {out / 'upload_outage.png'}")
