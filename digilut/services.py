@@ -9,8 +9,9 @@ servers are context managers (``keep=True`` leaves them up after the ``with`` bl
 SeaweedFS ``weed mini`` (master, volume, filer and S3 gateway in one process) accepts anonymous
 writes by default. :func:`start_s3` gives it one identity, so the S3 port refuses requests that are
 anonymous or signed with any other key, and a ``security.toml`` with random JWT keys, so the
-filer's and volume server's HTTP ports (which bypass S3 auth) refuse unsigned requests too. Their
-gRPC ports stay unauthenticated (mutual TLS would be needed); they listen on loopback only.
+filer's HTTP port (a way into the buckets around S3 auth) refuses unsigned requests too. The
+master's HTTP port and the gRPC ports stay unauthenticated (that would take mutual TLS): they
+listen on 127.0.0.1 only, but any local user of the machine can reach them. Demo and tests only.
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ class Service:
         log.info("%s stopped", self.name)
 
     def _wait_gone(self, timeout_s: float) -> bool:
-        assert self.proc is not None  # callers check
+        if self.proc is None:
+            return True
         deadline = time.monotonic() + timeout_s
         while True:
             with contextlib.suppress(subprocess.TimeoutExpired):
