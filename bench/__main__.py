@@ -15,7 +15,8 @@ from pathlib import Path
 
 import bench
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+logging.basicConfig(level=logging.INFO, format=FMT, datefmt="%H:%M:%S")
 parts = sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
 chosen = sys.argv[1:] or parts
 unknown = [p for p in chosen if p not in parts]

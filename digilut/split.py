@@ -107,9 +107,7 @@ def split_dataset(manifest: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
         raise SplitError("manifest has no label column: run the label step (digilut prepare with train.csv)")
     if manifest.empty:
         raise SplitError("manifest has no patches to split")
-    patients = (
-        manifest.groupby("patient", observed=True)["label"].max().rename("positive").reset_index()
-    )
+    patients = manifest.groupby("patient", observed=True)["label"].max().rename("positive").reset_index()
     test = split_patients(patients, cfg.test_fraction, cfg.seed)
     out = manifest.copy()
     is_test = out["patient"].isin(test).to_numpy()
@@ -125,7 +123,11 @@ def split_dataset(manifest: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
     log.info(
         "split: %d test / %d train patients in %d folds; train patches %d → %d after undersampling "
         "(%d positive)",
-        len(test), tr["patient"].nunique(), cfg.folds, len(tr), int(tr["sampled"].sum()),
+        len(test),
+        tr["patient"].nunique(),
+        cfg.folds,
+        len(tr),
+        int(tr["sampled"].sum()),
         int(tr.loc[tr["sampled"], "label"].sum()),
     )
     return out

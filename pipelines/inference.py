@@ -11,12 +11,12 @@ an MLflow registry URI ``models:/<name>/<version>``.
 
 from kfp import dsl
 
-from components.data import extract, ingest, merge
+from components.data import ingest
 from components.inference import fetch_models, predict_all, submission
 from digilut.boxes import BoxesConfig
 from digilut.extract import ExtractConfig
 from digilut.predict import PredictConfig
-from pipelines.training import EXTRACT_PARALLELISM, on_gpu, use_s3_and_tracking
+from pipelines.training import extract_and_merge, on_gpu, use_s3_and_tracking
 
 _E, _P, _B = ExtractConfig(), PredictConfig(), BoxesConfig()
 
@@ -39,18 +39,15 @@ def inference(
 ) -> None:
     ing = use_s3_and_tracking(ingest(data_uri=data_uri, batch_size=batch_size, require_boxes=False))
     ing.set_caching_options(False)
-    with dsl.ParallelFor(ing.outputs["Output"], parallelism=EXTRACT_PARALLELISM) as batch:
-        ex = extract(
-            data_uri=data_uri,
-            slides=batch,
-            patch_px=patch_px,
-            target_mpp=target_mpp,
-            stride_px=stride_px,
-            min_tissue_fraction=min_tissue_fraction,
-            tissue_threshold=tissue_threshold,
-        )
-        use_s3_and_tracking(ex).set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("16Gi")
-    mg = merge(extracted=dsl.Collected(ex.outputs["extracted"]))
+    mg = extract_and_merge(
+        ing,
+        data_uri,
+        patch_px=patch_px,
+        target_mpp=target_mpp,
+        stride_px=stride_px,
+        min_tissue_fraction=min_tissue_fraction,
+        tissue_threshold=tissue_threshold,
+    )
     fm = use_s3_and_tracking(fetch_models(model_uri=model_uri)).set_caching_options(False)
     pr = predict_all(
         patches=mg.outputs["patches"], models=fm.outputs["models"], batch_size=predict_batch_size

@@ -66,6 +66,15 @@ def on_gpu(task: dsl.PipelineTask, *, cpu: str = "8", memory: str = "48Gi") -> d
     return task
 
 
+def extract_and_merge(ing: dsl.PipelineTask, data_uri: str, **extract_params: object) -> dsl.PipelineTask:
+    """Extraction fanned out over ingest's slide batches (cached), then merged (cached)."""
+    with dsl.ParallelFor(ing.outputs["Output"], parallelism=EXTRACT_PARALLELISM) as batch:
+        ex = extract(data_uri=data_uri, slides=batch, **extract_params)
+        use_s3_and_tracking(ex).set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("16Gi")
+        ex.set_caching_options(True)
+    return merge(extracted=dsl.Collected(ex.outputs["extracted"])).set_caching_options(True)
+
+
 @dsl.pipeline(
     name="digilut-training", description="Train a patch-classifier ensemble and find DigiLut lesion boxes."
 )
@@ -104,19 +113,15 @@ def training(
     ing.set_caching_options(False)  # the bucket may have changed since the last run
     tracking = use_s3_and_tracking(start_tracking(run_name=run_name, experiment=experiment))
     tracking.set_caching_options(False)
-    with dsl.ParallelFor(ing.outputs["Output"], parallelism=EXTRACT_PARALLELISM) as batch:
-        ex = extract(
-            data_uri=data_uri,
-            slides=batch,
-            patch_px=patch_px,
-            target_mpp=target_mpp,
-            stride_px=stride_px,
-            min_tissue_fraction=min_tissue_fraction,
-            tissue_threshold=tissue_threshold,
-        )
-        use_s3_and_tracking(ex).set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("16Gi")
-        ex.set_caching_options(True)
-    mg = merge(extracted=dsl.Collected(ex.outputs["extracted"])).set_caching_options(True)
+    mg = extract_and_merge(
+        ing,
+        data_uri,
+        patch_px=patch_px,
+        target_mpp=target_mpp,
+        stride_px=stride_px,
+        min_tissue_fraction=min_tissue_fraction,
+        tissue_threshold=tissue_threshold,
+    )
     lb = label(
         patches=mg.outputs["patches"],
         annotations=ing.outputs["annotations"],
