@@ -40,10 +40,21 @@ from digilut.labels import LabelConfig, label_patches
 from digilut.manifest import EXTRACT_COLUMNS, MANIFEST_NAME, conform, write_manifest
 from digilut.shards import atomic_write, write_shard
 from digilut.slide import LevelReader, SlideInfo, choose_level, read_slide_info
-from digilut.tissue import fast_tissue_mask
+from digilut.tissue import fast_tissue_mask, threshold_tissue_mask
 
 log = logging.getLogger(__name__)
 THUMB_PX = 1024
+# A level with more pixels than this is never decoded whole: the thumbnail and the tissue mask then
+# come from a streamed, shrunk copy (non-pyramidal slides), and pyFAST (which would read it whole) is
+# not used. 64 Mpx ≈ 192 MiB of RGB.
+MAX_WHOLE_LEVEL_PX = 64 * 2**20
+MASK_PX = 4096  # long side of the streamed image the fallback tissue mask is computed on
+# A tissue patch whose mean colour differs from the same region of a coarser level by more than
+# this (0-255, any channel) holds garbled pixels: the pyramid is redundant, so a tile that decodes
+# without error but to wrong pixels (zeroed or corrupted JPEG data: libjpeg fills it with grey)
+# shows here.
+GARBLED_MEAN_DIFF = 24.0
+REFERENCE_PX = 16 * 2**20  # the largest level held whole as that reference
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,7 @@ class ExtractConfig:
     tissue_threshold: int = 85  # FAST colour threshold: distance from white
     slide_mpp: float | None = None  # override for slides without mpp metadata
     jpeg_quality: int = 90
-    max_constant_fraction: float = 0.02  # more constant tissue patches than this = unreadable slide
+    max_constant_fraction: float = 0.02  # more unreadable (flat/garbled) tissue patches = unreadable slide
 
     def __post_init__(self) -> None:
         if not 16 <= self.patch_px <= 4096:
@@ -97,6 +108,7 @@ class SlidePatches:
     height: int = 0
     config: str = ""
     shard_sha256: str = ""
+    warning: str = ""  # e.g. unreadable patches dropped from an otherwise good slide
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -104,14 +116,6 @@ class SlidePatches:
 
 def _stem(slide: str) -> str:
     return Path(slide).stem
-
-
-def _thumbnail(reader: LevelReader) -> np.ndarray:
-    """The whole of ``reader``'s level, shrunk to at most THUMB_PX on the long side."""
-    lv = reader.level
-    im = Image.fromarray(reader.read(0, 0, lv.width, lv.height))
-    im.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.BOX)
-    return np.asarray(im)
 
 
 def patch_grid(width: int, height: int, region_px: int, stride_px: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,6 +126,37 @@ def patch_grid(width: int, height: int, region_px: int, stride_px: int) -> tuple
     return gx.ravel(), gy.ravel()
 
 
+@dataclass(frozen=True)
+class _Reference:
+    """A coarser level in memory and its scale: what every patch's mean colour must agree with."""
+
+    pixels: np.ndarray
+    scale_x: float  # level-0 px per reference px
+    scale_y: float
+
+    def mean(self, x0: int, y0: int, side0: int) -> np.ndarray:
+        h, w = self.pixels.shape[:2]
+        c0, c1 = int(x0 / self.scale_x), max(int(x0 / self.scale_x) + 1, round((x0 + side0) / self.scale_x))
+        r0, r1 = int(y0 / self.scale_y), max(int(y0 / self.scale_y) + 1, round((y0 + side0) / self.scale_y))
+        return self.pixels[r0 : min(r1, h), c0 : min(c1, w)].reshape(-1, 3).mean(axis=0)
+
+
+def _reference(info: SlideInfo, level: int, side0: int, coarsest: np.ndarray | None) -> _Reference | None:
+    """The finest level coarser than ``level`` that fits in memory (≤ REFERENCE_PX), whole; None
+    when there is none or a patch would cover under 4 of its pixels (too coarse to compare)."""
+    for lv in info.levels[level + 1 :]:
+        if lv.width * lv.height > REFERENCE_PX or side0 / lv.downsample < 4:
+            continue
+        if lv.index == info.levels[-1].index and coarsest is not None:
+            pixels = coarsest
+        else:
+            with LevelReader(info, lv.index) as reader:
+                pixels = reader.read(0, 0, lv.width, lv.height)
+        return _Reference(pixels, info.width / lv.width, info.height / lv.height)
+    log.info("%s: no pyramid level to check patches against: garbled-tile check off", info.path.name)
+    return None
+
+
 def _read_cells(
     info: SlideInfo,
     level: int,
@@ -130,34 +165,57 @@ def _read_cells(
     gy: np.ndarray,
     region: int,
     cfg: ExtractConfig,
-) -> tuple[list[bytes], list[int], int]:
-    """Read, resize and JPEG-encode the grid cells ``cells``; skip (and count) flat patches."""
+    ref: _Reference | None,
+    side0: int,
+) -> tuple[list[bytes], list[int], list[str]]:
+    """Read, resize and JPEG-encode the grid cells ``cells``; skip unreadable patches and say why:
+    flat (one colour: a black/blank tile) or garbled (its colour disagrees with ``ref``)."""
     jpegs: list[bytes] = []
     kept: list[int] = []
-    constant = 0
+    bad: list[str] = []
+    ds = info.levels[level].downsample
     with LevelReader(info, level) as reader:
         for i in cells:
-            px = reader.read(int(gx[i]), int(gy[i]), region, region)
+            x, y = int(gx[i]), int(gy[i])
+            px = reader.read(x, y, region, region)
+            why = ""
+            if px.min() == px.max():
+                why = "flat"
+            elif ref is not None:
+                diff = np.abs(px.reshape(-1, 3).mean(axis=0) - ref.mean(round(x * ds), round(y * ds), side0))
+                if diff.max() > GARBLED_MEAN_DIFF:
+                    why = f"garbled (colour off by {diff.max():.0f})"
+            if why:
+                tiles = ", ".join(f"({tx}, {ty})" for tx, ty in reader.tiles_of(x, y, region, region))
+                bad.append(f"{why}: level {level} tile {tiles}")
+                continue
             if region != cfg.patch_px:
                 px = np.asarray(
                     Image.fromarray(px).resize((cfg.patch_px, cfg.patch_px), Image.Resampling.BOX)
                 )
-            if px.min() == px.max():  # a flat patch in tissue: an unreadable (garbled/black) tile
-                constant += 1
-                continue
             jpegs.append(imagecodecs.jpeg8_encode(px, level=cfg.jpeg_quality))
             kept.append(int(i))
-    return jpegs, kept, constant
+    return jpegs, kept, bad
 
 
 def extract_slide(
-    slide_path: str | Path, out_dir: str | Path, cfg: ExtractConfig, *, threads: int = 1
+    slide_path: str | Path,
+    out_dir: str | Path,
+    cfg: ExtractConfig,
+    *,
+    threads: int = 1,
+    max_level_px: int = MAX_WHOLE_LEVEL_PX,
 ) -> SlidePatches:
     """Extract one slide's tissue patches into ``out_dir`` (shard, manifest part, thumbnail).
 
     Raises a :class:`~digilut.errors.DigilutError` subclass naming the slide when it cannot be
     read; :func:`prepare_dataset` turns that into a report entry and goes on. ``threads`` read
-    and encode patches in parallel (the output does not depend on it).
+    and encode patches in parallel (the output does not depend on it). A slide whose coarsest level
+    has more than ``max_level_px`` pixels (a non-pyramidal slide) is never decoded whole.
+
+    Unreadable tissue patches — flat (a black or blank tile) or garbled (a tile that decodes to
+    pixels whose colour disagrees with the coarsest level) — are dropped and named in
+    ``warning``; more than ``cfg.max_constant_fraction`` of them fail the slide.
     """
     t0 = time.perf_counter()
     slide_path, out_dir = Path(slide_path), Path(out_dir)
@@ -172,24 +230,52 @@ def extract_slide(
     x0 = np.round(gx * ds).astype(np.int64)
     y0 = np.round(gy * ds).astype(np.int64)
     side0 = round(region * ds)
-    mask = fast_tissue_mask(slide_path, info.width, info.height, threshold=cfg.tissue_threshold)
+    coarsest = info.levels[-1]
+    small = coarsest.width * coarsest.height <= max_level_px
+    with LevelReader(info, coarsest.index) as coarse_reader:
+        # The coarsest level whole when small, else a streamed shrunk copy (bounded memory).
+        overview = (
+            coarse_reader.read(0, 0, coarsest.width, coarsest.height)
+            if small
+            else coarse_reader.read_shrunk(MASK_PX)
+        )
+    if small and all(lv.tiled for lv in info.levels):
+        mask = fast_tissue_mask(slide_path, info.width, info.height, threshold=cfg.tissue_threshold)
+    else:
+        log.info(
+            "%s: %s; tissue mask from a streamed %d×%d copy (pyFAST's colour rule)",
+            name,
+            "stored in strips, which pyFAST cannot open"
+            if not all(lv.tiled for lv in info.levels)
+            else f"coarsest level {coarsest.width}×{coarsest.height} px is too large to read whole",
+            overview.shape[1],
+            overview.shape[0],
+        )
+        mask = threshold_tissue_mask(overview, info.width, info.height, threshold=cfg.tissue_threshold)
     tissue = mask.fractions(x0, y0, np.full_like(x0, side0), np.full_like(y0, side0))
     keep = np.flatnonzero(tissue >= cfg.min_tissue_fraction)
-    with LevelReader(info, len(info.levels) - 1) as thumb_reader:
-        thumb = _thumbnail(thumb_reader)
+    thumb_im = Image.fromarray(overview)
+    thumb_im.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.BOX)
+    thumb = np.asarray(thumb_im)
+    ref = _reference(info, choice.level, side0, overview if small else None)
     # Threads share the work in raster-order chunks (libjpeg-turbo releases the GIL), each with its
     # own reader and tile cache.
     chunks = [c for c in np.array_split(keep, max(1, threads)) if len(c)]
     with ThreadPoolExecutor(max_workers=max(1, len(chunks))) as pool:
-        parts = list(pool.map(lambda c: _read_cells(info, choice.level, c, gx, gy, region, cfg), chunks))
+        parts = list(
+            pool.map(lambda c: _read_cells(info, choice.level, c, gx, gy, region, cfg, ref, side0), chunks)
+        )
     jpegs = [j for p in parts for j in p[0]]
     kept = [i for p in parts for i in p[1]]
-    constant = sum(p[2] for p in parts)
-    if len(keep) and constant > cfg.max_constant_fraction * len(keep):
-        raise SlideReadError(
-            f"{name}: {constant} of {len(keep)} tissue patches are flat (one colour): unreadable or "
-            "garbled tiles; the slide is skipped"
-        )
+    bad = [b for p in parts for b in p[2]]
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; … {len(bad) - 5} more" if len(bad) > 5 else "")
+        if len(bad) > cfg.max_constant_fraction * len(keep):
+            raise SlideReadError(
+                f"{name}: {len(bad)} of {len(keep)} tissue patches are unreadable ({shown}); "
+                "the slide is skipped"
+            )
+        log.warning("%s: %d unreadable tissue patches dropped (%s)", name, len(bad), shown)
     stem = _stem(name)
     thumb_path = out_dir / "thumbnails" / f"{stem}.png"
     thumb_path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +293,8 @@ def extract_slide(
         info.height,
         cfg.digest(),
     )
+    if bad:
+        result.warning = f"{len(bad)} unreadable tissue patches dropped ({shown})"
     if not kept:
         result.status = "empty"
         result.error = str(

@@ -8,6 +8,7 @@ unreadable tiles instead of returning black pixels.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections import OrderedDict
@@ -24,6 +25,12 @@ log = logging.getLogger(__name__)
 # A glass slide is 75 × 25 mm; a scan wider than this is implausible (the mpp must be wrong).
 MAX_SLIDE_SIDE_MM = 80.0
 MPP_RANGE = (0.05, 20.0)  # µm/px: from oil immersion to a thumbnail
+# The largest level-0 side accepted: 80 mm at 0.2 µm/px. DigiLut slides reach ~197,000 px.
+MAX_SLIDE_SIDE_PX = 400_000
+# A decoded tile/strip larger than this is refused (a single-strip slide would need it all at once).
+MAX_TILE_BYTES = 256 * 2**20
+# The LevelReader's cache of decoded tiles holds at most this many bytes (wide strips are big).
+CACHE_BYTES = 256 * 2**20
 _MPP_IN_TEXT = re.compile(r"\bmpp\s*=\s*([0-9.]+)", re.IGNORECASE)
 _RESUNIT_UM = {2: 25400.0, 3: 10000.0}  # INCH, CENTIMETER in µm
 
@@ -37,6 +44,7 @@ class Level:
     height: int
     downsample: float  # level-0 px per level px, from the real sizes (W0 / W)
     page_index: int
+    tiled: bool = True  # False: stored in strips (OpenSlide, hence pyFAST, cannot open it)
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,18 @@ def _page_mpp(page: tifffile.TiffPage) -> float | None:
     return None if mpp > 1000 else mpp
 
 
+def _check_data_in_file(path: Path, page: tifffile.TiffPage, level: int) -> None:
+    """Raise :class:`SlideReadError` when a page's tiles/strips end beyond the end of the file."""
+    size = path.stat().st_size
+    ends = [int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts, strict=False) if n]
+    end = max(ends, default=0)
+    if end > size:
+        raise SlideReadError(
+            f"{path}: truncated: page {page.index} (level {level}) has image data up to byte {end:,} "
+            f"but the file has {size:,} bytes"
+        )
+
+
 def read_slide_info(path: str | Path, *, mpp: float | None = None) -> SlideInfo:
     """Read a slide's pyramid and mpp.
 
@@ -101,12 +121,20 @@ def read_slide_info(path: str | Path, *, mpp: float | None = None) -> SlideInfo:
                     continue
                 if abs(w0 / w - h0 / h) > 0.02 * (w0 / w):
                     continue  # label/macro images
-                levels.append(Level(len(levels), w, h, w0 / w, i))
+                levels.append(Level(len(levels), w, h, w0 / w, i, bool(p.is_tiled)))
+                _check_data_in_file(path, p, len(levels) - 1)
             file_mpp = _page_mpp(base)
+    except SlideReadError:
+        raise
     except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as err:
         raise SlideReadError(f"{path}: not a readable TIFF ({err})") from err
+    if max(w0, h0) > MAX_SLIDE_SIDE_PX:
+        raise SlideMetadataError(
+            f"{path}: {w0}×{h0} px is larger than any slide scan (at most {MAX_SLIDE_SIDE_PX:,} px a side); "
+            "refusing it"
+        )
     levels.sort(key=lambda lv: lv.downsample)
-    levels = [Level(i, lv.width, lv.height, lv.downsample, lv.page_index) for i, lv in enumerate(levels)]
+    levels = [dataclasses.replace(lv, index=i) for i, lv in enumerate(levels)]
     if not levels or levels[0].downsample != 1.0:
         raise SlideReadError(f"{path}: no full-resolution RGB level found")
     chosen = mpp if mpp is not None else file_mpp
@@ -186,10 +214,20 @@ class LevelReader:
             self.tile_h = min(self.tile_h, int(page.shape[0]))
         self.tiles_x = -(-self.level.width // self.tile_w)
         self.tiles_y = -(-self.level.height // self.tile_h)
+        tile_bytes = self.tile_w * self.tile_h * max(3, int(page.samplesperpixel))
+        if tile_bytes > MAX_TILE_BYTES:
+            self._tif.close()
+            kind = "tile" if page.is_tiled else "strip"
+            raise SlideReadError(
+                f"{info.path.name} level {self.level.index}: one {kind} is {self.tile_w}×{self.tile_h} px "
+                f"({tile_bytes / 2**20:.0f} MiB decoded), more than the {MAX_TILE_BYTES / 2**20:.0f} MiB "
+                "a reader may hold; re-save the slide tiled (e.g. vips tiffsave --tile --pyramid)"
+            )
         self._offsets = page.dataoffsets
         self._counts = page.databytecounts
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._cache_tiles = cache_tiles
+        # Bounded in bytes too: a striped slide's strips span the whole width.
+        self._cache_tiles = max(1, min(cache_tiles, CACHE_BYTES // tile_bytes))
         self.tiles_decoded = 0
 
     def close(self) -> None:
@@ -228,6 +266,32 @@ class LevelReader:
         if len(self._cache) > self._cache_tiles:
             self._cache.popitem(last=False)
         return tile
+
+    def tiles_of(self, x: int, y: int, w: int, h: int) -> list[tuple[int, int]]:
+        """The ``(tx, ty)`` tiles (or strips, ``tx = 0``) that the region ``x, y, w, h`` touches."""
+        return [
+            (tx, ty)
+            for ty in range(y // self.tile_h, (y + h - 1) // self.tile_h + 1)
+            for tx in range(x // self.tile_w, (x + w - 1) // self.tile_w + 1)
+        ]
+
+    def read_shrunk(self, max_side_px: int) -> np.ndarray:
+        """The whole level shrunk by an integer factor to at most ``max_side_px`` a side (box mean),
+        read band by band: memory stays within one band of ``factor`` rows plus the cache."""
+        lv = self.level
+        f = max(1, -(-max(lv.width, lv.height) // max_side_px))
+        out_w, out_h = lv.width // f, lv.height // f
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        chunk = max(f, (4096 // f) * f)  # columns per read
+        band = max(1, self.tile_h // f)  # output rows per read: about one tile row
+        for oy in range(0, out_h, band):
+            rows = min(band, out_h - oy)
+            for x in range(0, out_w * f, chunk):
+                w = min(chunk, out_w * f - x)
+                block = self.read(x, oy * f, w, rows * f).reshape(rows, f, w // f, f, 3)
+                mean = block.mean(axis=(1, 3), dtype=np.float32)
+                out[oy : oy + rows, x // f : (x + w) // f] = mean.round().astype(np.uint8)
+        return out
 
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB pixels of the level region ``[x, x+w) × [y, y+h)`` (must lie inside the level)."""

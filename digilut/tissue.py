@@ -69,3 +69,22 @@ def fast_tissue_mask(
         raise SlideReadError(f"{path}: pyFAST tissue segmentation failed ({err})") from err
     mask = mask.reshape(mask.shape[0], mask.shape[1]) > 0
     return TissueMask(mask, slide_width / mask.shape[1], slide_height / mask.shape[0])
+
+
+def threshold_tissue_mask(
+    rgb: np.ndarray, slide_width: int, slide_height: int, *, threshold: int = 85, closing_px: int = 2
+) -> TissueMask:
+    """Tissue mask of a small whole-slide image by pyFAST's colour rule, without pyFAST.
+
+    A pixel is tissue when its distance from white exceeds ``threshold`` (the rule of pyFAST's
+    colour-thresholding ``TissueSegmentation``), then holes of ``closing_px`` are closed. Used for
+    slides pyFAST cannot open or would read whole (striped or non-pyramidal TIFFs): ``rgb`` is then a
+    streamed, shrunk copy of the slide, so memory stays bounded.
+    """
+    from scipy import ndimage
+
+    dist = np.sqrt(((255.0 - rgb.astype(np.float32)) ** 2).sum(axis=-1))
+    mask = dist > threshold
+    if closing_px > 0:
+        mask = ndimage.binary_closing(mask, iterations=closing_px, border_value=0)
+    return TissueMask(mask, slide_width / mask.shape[1], slide_height / mask.shape[0])
