@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,6 +229,36 @@ def read_boxes_csv(
     return Table(out.drop(columns="csv_line").reset_index(drop=True), problems)
 
 
+def check_slide_sizes(
+    boxes: pd.DataFrame,
+    sizes: Mapping[str, tuple[int, int]],
+    *,
+    source: str = "train.csv",
+    tolerance_px: int = 1,
+) -> tuple[pd.DataFrame, list[str], set[str]]:
+    """Drop the boxes of slides whose ``max_x``/``max_y`` disagree with the slide's real size.
+
+    ``sizes`` maps slide names to their level-0 ``(width, height)``, read from the slides. Boxes
+    given in another frame (another level, a resized copy) would label the wrong patches, so such a
+    slide loses its boxes *and* must be left out of training: returns the kept boxes, one message
+    per such slide (naming both sizes) and the set of those slides.
+    """
+    bad: set[str] = set()
+    messages: list[str] = []
+    for name, rows in boxes.groupby("filename", sort=True):
+        if name not in sizes:
+            continue
+        w, h = sizes[str(name)]
+        mx, my = int(rows["max_x"].iloc[0]), int(rows["max_y"].iloc[0])
+        if abs(mx - w) > tolerance_px or abs(my - h) > tolerance_px:
+            bad.add(str(name))
+            messages.append(
+                f"{source} ({name}): max_x={mx}, max_y={my} disagree with the slide's real size {w}×{h} px: "
+                f"its {len(rows)} box(es) dropped and the slide left out of training"
+            )
+    return boxes[~boxes["filename"].isin(bad)].reset_index(drop=True), messages, bad
+
+
 def read_test_list(path: str | Path) -> Table:
     """Read a DigiLut test list ``filename,max_x,max_y,trustii_id`` (one row per expected box).
 
@@ -256,12 +286,32 @@ def _slides_on_disk(images_dir: str | Path) -> set[str]:
     return {p.name for p in d.iterdir() if p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES)}
 
 
-def list_slides(images_dir: str | Path) -> list[str]:
-    """Sorted slide file names in ``images_dir`` (``*.tif``/``*.tiff``); unsafe names are skipped."""
-    names = []
-    for name in sorted(_slides_on_disk(images_dir)):
+def list_slides(images_dir: str | Path, *, problems: list[str] | None = None) -> list[str]:
+    """Sorted slide file names in ``images_dir`` (``*.tif``/``*.tiff``).
+
+    Unsafe names (newlines, control characters) and names whose stem repeats an earlier one
+    (``x_a.tif`` and ``x_a.tiff`` would share a shard) are skipped; each is logged and, when
+    ``problems`` is given, appended to it.
+    """
+    return safe_slide_names(sorted(_slides_on_disk(images_dir)), problems=problems)
+
+
+def safe_slide_names(names: Collection[str], *, problems: list[str] | None = None) -> list[str]:
+    """The plain, unique-stem slide names of ``names`` (sorted); the others skipped and reported."""
+    kept: list[str] = []
+    stems: dict[str, str] = {}
+    for name in sorted(names):
         try:
-            names.append(check_slide_name(name))
+            check_slide_name(name)
         except UnsafePathError as err:
-            log.warning("skipping %s", err)
-    return names
+            msg = f"skipping {err}"
+        else:
+            first = stems.setdefault(Path(name).stem.lower(), name)
+            if first == name:
+                kept.append(name)
+                continue
+            msg = f"skipping slide {name!r}: same name as {first!r} but for the extension or case"
+        log.warning("%s", msg)
+        if problems is not None:
+            problems.append(msg)
+    return kept

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import time
@@ -34,12 +35,18 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from digilut.annotations import check_slide_name, list_slides, patient_of, read_boxes_csv
+from digilut.annotations import (
+    check_slide_name,
+    check_slide_sizes,
+    list_slides,
+    patient_of,
+    read_boxes_csv,
+)
 from digilut.errors import ConfigError, DigilutError, SlideReadError, TissueNotFoundError
 from digilut.labels import LabelConfig, label_patches
 from digilut.manifest import EXTRACT_COLUMNS, MANIFEST_NAME, conform, write_manifest
 from digilut.shards import atomic_write, write_shard
-from digilut.slide import LevelReader, SlideInfo, choose_level, read_slide_info
+from digilut.slide import CACHE_BYTES, LevelReader, SlideInfo, choose_level, read_slide_info
 from digilut.tissue import fast_tissue_mask, threshold_tissue_mask
 
 log = logging.getLogger(__name__)
@@ -167,6 +174,7 @@ def _read_cells(
     cfg: ExtractConfig,
     ref: _Reference | None,
     side0: int,
+    cache_bytes: int,
 ) -> tuple[list[bytes], list[int], list[str]]:
     """Read, resize and JPEG-encode the grid cells ``cells``; skip unreadable patches and say why:
     flat (one colour: a black/blank tile) or garbled (its colour disagrees with ``ref``)."""
@@ -174,7 +182,7 @@ def _read_cells(
     kept: list[int] = []
     bad: list[str] = []
     ds = info.levels[level].downsample
-    with LevelReader(info, level) as reader:
+    with LevelReader(info, level, cache_bytes=cache_bytes) as reader:
         for i in cells:
             x, y = int(gx[i]), int(gy[i])
             px = reader.read(x, y, region, region)
@@ -232,12 +240,13 @@ def extract_slide(
     side0 = round(region * ds)
     coarsest = info.levels[-1]
     small = coarsest.width * coarsest.height <= max_level_px
-    with LevelReader(info, coarsest.index) as coarse_reader:
+    cache_bytes = min(CACHE_BYTES, max_level_px * 3 // 2)  # decoded tiles a reader may hold
+    with LevelReader(info, coarsest.index, cache_bytes=cache_bytes) as coarse_reader:
         # The coarsest level whole when small, else a streamed shrunk copy (bounded memory).
         overview = (
             coarse_reader.read(0, 0, coarsest.width, coarsest.height)
             if small
-            else coarse_reader.read_shrunk(MASK_PX)
+            else coarse_reader.read_shrunk(min(MASK_PX, math.isqrt(max_level_px)))
         )
     if small and all(lv.tiled for lv in info.levels):
         mask = fast_tissue_mask(slide_path, info.width, info.height, threshold=cfg.tissue_threshold)
@@ -263,7 +272,10 @@ def extract_slide(
     chunks = [c for c in np.array_split(keep, max(1, threads)) if len(c)]
     with ThreadPoolExecutor(max_workers=max(1, len(chunks))) as pool:
         parts = list(
-            pool.map(lambda c: _read_cells(info, choice.level, c, gx, gy, region, cfg, ref, side0), chunks)
+            pool.map(
+                lambda c: _read_cells(info, choice.level, c, gx, gy, region, cfg, ref, side0, cache_bytes),
+                chunks,
+            )
         )
     jpegs = [j for p in parts for j in p[0]]
     kept = [i for p in parts for i in p[1]]
@@ -503,7 +515,8 @@ def prepare_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = out_dir / "report.json"
     previous = PrepareReport.load(report_path).slides if report_path.is_file() else {}
-    slides = [images / s for s in list_slides(images)]
+    problems: list[str] = []  # skipped slide files, dropped/corrected CSV rows
+    slides = [images / s for s in list_slides(images, problems=problems)]
     log.info("prepare: %d slides in %s -> %s (%s)", len(slides), images, out_dir, cfg)
     if threads is None:  # share the cores between the slides in flight
         threads = max(1, (os.cpu_count() or 1) // max(1, min(workers, len(slides))))
@@ -516,13 +529,18 @@ def prepare_dataset(
     manifest = (
         conform(pd.concat(parts, ignore_index=True)) if parts else pd.DataFrame(columns=list(EXTRACT_COLUMNS))
     )
-    problems: list[str] = []
     csv = data_dir / "train.csv"
     if csv.is_file():
         table = read_boxes_csv(csv, slides=[p.name for p in slides])
         table.log_problems()
-        problems = [str(p) for p in table.problems]
-        manifest = label_patches(manifest, table.rows, label_cfg or LabelConfig())
+        problems += [str(p) for p in table.problems]
+        sizes = {s: (r.width, r.height) for s, r in results.items() if r.status == "ok"}
+        boxes, size_problems, wrong_size = check_slide_sizes(table.rows, sizes)
+        for msg in size_problems:
+            log.warning("%s", msg)
+        problems += size_problems
+        manifest = manifest[~manifest["slide"].isin(wrong_size)].reset_index(drop=True)
+        manifest = label_patches(manifest, boxes, label_cfg or LabelConfig())
     write_manifest(manifest, out_dir / MANIFEST_NAME)
     report = PrepareReport(results, time.perf_counter() - t0, dataclasses.asdict(cfg), problems)
     atomic_write(report_path, [report.to_json().encode()])

@@ -27,8 +27,9 @@ from digilut.annotations import (
     list_slides,
     patient_of,
     read_boxes_csv,
+    safe_slide_names,
 )
-from digilut.errors import ConfigError, SlideNotFoundError, UnsafePathError
+from digilut.errors import ConfigError, SlideNotFoundError
 from digilut.shards import atomic_write
 
 if TYPE_CHECKING:
@@ -69,11 +70,8 @@ def list_source_slides(data_uri: str) -> list[str]:
         name = key[len(base) :]
         if "/" in name or not name.lower().endswith(SLIDE_SUFFIXES):
             continue
-        try:
-            names.append(check_slide_name(name))
-        except UnsafePathError as err:
-            log.warning("skipping %s", err)
-    return sorted(names)
+        names.append(name)
+    return safe_slide_names(names)
 
 
 def fetch_file(data_uri: str, name: str, dest: Path) -> Path | None:

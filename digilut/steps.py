@@ -30,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from digilut.annotations import check_slide_sizes
 from digilut.boxes import BoxesConfig
 from digilut.evaluate import Evaluation, evaluate_predictions
 from digilut.extract import ExtractConfig, PrepareReport, SlidePatches, extract_slides
@@ -138,7 +139,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def label_step(patches: Path, annotations: Path, labels: Path, cfg: LabelConfig) -> pd.DataFrame:
     """Label every patch of ``patches`` by its overlap with the boxes of ``annotations``."""
     labels.mkdir(parents=True, exist_ok=True)
-    df = label_patches(read_manifest(patches), read_boxes(annotations), cfg)
+    manifest, boxes = read_manifest(patches), read_boxes(annotations)
+    if (patches / "report.json").is_file():  # boxes must be in the frame of the slides' real size
+        report = PrepareReport.load(patches / "report.json")
+        sizes = {s: (r.width, r.height) for s, r in report.slides.items() if r.status == "ok"}
+        boxes, problems, wrong_size = check_slide_sizes(boxes, sizes)
+        for msg in problems:
+            log.warning("%s", msg)
+        manifest = manifest[~manifest["slide"].isin(wrong_size)].reset_index(drop=True)
+    df = label_patches(manifest, boxes, cfg)
     write_manifest(df, labels / MANIFEST_NAME)
     return df
 

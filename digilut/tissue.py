@@ -26,8 +26,9 @@ class TissueMask:
 
     def fractions(self, x0: np.ndarray, y0: np.ndarray, w0: np.ndarray, h0: np.ndarray) -> np.ndarray:
         """Tissue fraction of each level-0 rectangle (vectorised, via a summed-area table)."""
-        sat = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), np.int64)
-        sat[1:, 1:] = self.mask.astype(np.int64).cumsum(0).cumsum(1)
+        sat = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), np.int32)  # masks < 2**31 px
+        sat[1:, 1:] = self.mask.cumsum(0, dtype=np.int32)
+        sat[1:, 1:].cumsum(1, out=sat[1:, 1:])
         hm, wm = self.mask.shape
         c0 = np.clip(np.floor(x0 / self.scale_x).astype(np.int64), 0, wm)
         c1 = np.clip(np.ceil((x0 + w0) / self.scale_x).astype(np.int64), 0, wm)
@@ -83,8 +84,10 @@ def threshold_tissue_mask(
     """
     from scipy import ndimage
 
-    dist = np.sqrt(((255.0 - rgb.astype(np.float32)) ** 2).sum(axis=-1))
-    mask = dist > threshold
+    dist2 = np.zeros(rgb.shape[:2], np.int32)  # squared distance from white, channel by channel
+    for c in range(3):
+        dist2 += (255 - rgb[..., c].astype(np.int32)) ** 2
+    mask = dist2 > threshold * threshold
     if closing_px > 0:
         mask = ndimage.binary_closing(mask, iterations=closing_px, border_value=0)
     return TissueMask(mask, slide_width / mask.shape[1], slide_height / mask.shape[0])
