@@ -39,6 +39,10 @@ class TissueNotFoundError(DigilutError, ValueError):
     """A slide has no tissue above the threshold: nothing to extract."""
 
 
+class TrainingInterrupted(DigilutError, RuntimeError):
+    """Training stopped on SIGTERM after saving its state; running it again resumes."""
+
+
 class ShardError(DigilutError, OSError):
     """A patch shard is missing, truncated or does not match its index."""
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -289,9 +290,6 @@ def extract_slide(
             )
         log.warning("%s: %d unreadable tissue patches dropped (%s)", name, len(bad), shown)
     stem = _stem(name)
-    thumb_path = out_dir / "thumbnails" / f"{stem}.png"
-    thumb_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(thumb).save(thumb_path)
     result = SlidePatches(
         name,
         "ok",
@@ -335,6 +333,9 @@ def extract_slide(
         columns=list(EXTRACT_COLUMNS),
     )
     write_manifest(part, out_dir / "parts" / f"{stem}.parquet")
+    png = io.BytesIO()
+    Image.fromarray(thumb).save(png, format="PNG")
+    atomic_write(out_dir / "thumbnails" / f"{stem}.png", [png.getvalue()])  # a full disk names the file
     result.shard_sha256 = _sha256(out_dir / shard_rel)
     result.seconds = time.perf_counter() - t0
     log.info(

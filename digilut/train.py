@@ -19,12 +19,17 @@ RNG state is checkpointed). AMP (bf16) and channels-last are used on CUDA.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import math
 import pickle
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +41,7 @@ import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 from digilut.data import PatchDataset, make_loader, make_sampler, to_model_input
-from digilut.errors import ConfigError, DigilutError
+from digilut.errors import ConfigError, DigilutError, TrainingInterrupted
 from digilut.manifest import read_manifest, write_manifest
 from digilut.model import build_model, save_model
 from digilut.predict import amp_dtype, safe_auroc
@@ -47,6 +52,9 @@ from digilut.train_config import TrainConfig
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "digilut-train-state/1"
+# Columns that decide what a fold trains on: a changed manifest (other patches, labels, split) means
+# the saved state belongs to other data and the fold is retrained.
+_DATA_COLUMNS = ("slide", "x0", "y0", "w0", "h0", "shard", "offset", "nbytes", "label", "fold", "sampled")
 
 
 @dataclass
@@ -70,6 +78,8 @@ class FoldResult:
     history: list[dict[str, float]]
     model_file: str = "model.pt"
     oof_file: str = "oof.parquet"
+    model_sha256: str = ""  # a re-run reuses the fold only when model.pt still has this content
+    data_sha256: str = ""  # hash of the fold's training and validation rows
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -182,6 +192,53 @@ def _validate(
     return probs, loss_sum / max(n, 1)
 
 
+def fold_data_digest(data: FoldData) -> str:
+    """SHA-256 of the rows a fold trains and validates on (the columns that decide the result)."""
+    h = hashlib.sha256()
+    for part in (data.train, data.val):
+        cols = [c for c in _DATA_COLUMNS if c in part.columns]
+        h.update(pd.util.hash_pandas_object(part[cols], index=False).to_numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _StopRequest:
+    """Set by SIGTERM; the training loop checks it at every batch boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.at = 0.0
+
+
+@contextmanager
+def _sigterm_saves_state(enabled: bool) -> Iterator[_StopRequest]:
+    """While training, SIGTERM (Kubernetes deleting the pod, ``kill``) requests a checkpoint at the
+    next batch boundary instead of killing the process; the previous handler is restored after.
+    Only the main thread can install handlers: elsewhere this is a no-op."""
+    stop = _StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_term(signum: int, _frame: object) -> None:
+        stop.signal, stop.at = signum, time.monotonic()
+        log.warning("SIGTERM: saving a checkpoint at the next batch boundary, then stopping")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -217,6 +274,7 @@ def train_fold(
     parent: RunHandle | None = None,
     max_epochs_this_run: int | None = None,
     root: str | Path | None = None,
+    handle_sigterm: bool = True,
 ) -> FoldResult:
     """Train fold ``fold`` of the split ``manifest`` into ``out_dir`` (see the module docstring).
 
@@ -225,6 +283,12 @@ def train_fold(
 
     ``tracker``/``parent``: MLflow child run of ``parent`` (params, per-epoch metrics, the model).
     ``max_epochs_this_run`` stops after that many epochs (time-sliced jobs); a later call resumes.
+
+    ``handle_sigterm``: SIGTERM (a pod being deleted) saves the full state at the next batch
+    boundary — mid-epoch, sampler position and RNG states included — into ``last.pt`` and raises
+    :class:`~digilut.errors.TrainingInterrupted`; a re-run resumes at that batch and ends with the
+    same weights as an uninterrupted run. A finished fold is reused only when ``model.pt`` still has
+    the content recorded in ``result.json`` and the fold's rows are the same (content hashes).
     """
     t_start = time.perf_counter()
     manifest = Path(manifest)
@@ -234,11 +298,22 @@ def train_fold(
     if root is None:
         root = manifest.parent if manifest.suffix else manifest
     data = fold_rows(df, fold, cfg)
+    data_sha = fold_data_digest(data)
     state_path = out_dir / "last.pt"
     state = _load_state(state_path, cfg) if state_path.is_file() else None
+    if state is not None and state.get("data_sha256", data_sha) != data_sha:
+        log.warning("%s was trained on other rows (the manifest changed): training from scratch", state_path)
+        state = None
     if state is not None and state["finished"] and (out_dir / "result.json").is_file():
-        log.info("fold %d: already trained in %s (best epoch %d)", fold, out_dir, state["best_epoch"])
-        return FoldResult.load(out_dir / "result.json")
+        done = FoldResult.load(out_dir / "result.json")
+        model = out_dir / done.model_file
+        if model.is_file() and done.model_sha256 in ("", file_sha256(model)):
+            log.info("fold %d: already trained in %s (best epoch %d)", fold, out_dir, state["best_epoch"])
+            return done
+        log.warning(
+            "fold %d: %s is missing or changed since training (hash differs): retraining", fold, model
+        )
+        state = None
 
     torch.manual_seed(cfg.seed)
     use_cuda = device.type == "cuda"
@@ -273,7 +348,19 @@ def train_fold(
         history = list(state["history"])
         best_auroc, best_loss, best_epoch = state["best_auroc"], state["best_loss"], state["best_epoch"]
         bad_epochs, start_epoch, run_id = state["bad_epochs"], state["epoch"] + 1, state["mlflow_run_id"]
-        log.info("fold %d: resuming at epoch %d from %s", fold, start_epoch, state_path)
+        partial = state.get("partial")
+        if partial:
+            start_epoch = partial["epoch"]
+            log.info(
+                "fold %d: resuming at epoch %d, batch %d from %s",
+                fold,
+                start_epoch,
+                partial["step"],
+                state_path,
+            )
+        else:
+            log.info("fold %d: resuming at epoch %d from %s", fold, start_epoch, state_path)
+    partial = state.get("partial") if state is not None else None
 
     tracker = tracker or Tracker(TrackingConfig())
     run = tracker.start_run(
@@ -299,7 +386,9 @@ def train_fold(
     augment = cfg.colour_augment()
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_epoch * steps_per_epoch or None)
+    first_step = partial["step"] if partial is not None else 0
+    purge = start_epoch * steps_per_epoch + first_step
+    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge or None)
     log.info(
         "fold %d: %d training patches (%d positive), %d validation patches (%d positive), %s × %d epochs, "
         "%d steps/epoch on %s (amp=%s, channels_last=%s)",
@@ -321,150 +410,195 @@ def train_fold(
         )
     epoch = start_epoch - 1
     finished = bool(state and state["finished"])  # finished, but result.json was not written
+
+    waited: list[bool] = []
+
+    def snapshot(epoch_done: int, partial_state: dict[str, Any] | None) -> dict[str, Any]:
+        """The full training state: after epoch ``epoch_done``, or mid-epoch with ``partial_state``."""
+        if run.run_id is None and tracker.enabled and not waited:
+            waited.append(True)  # once: a server that is down must not slow every epoch
+            run.wait(5.0)  # the checkpoint should carry the MLflow run id, so a resume continues it
+        return {
+            "format": STATE_FORMAT,
+            "config": cfg.fingerprint(),
+            "data_sha256": data_sha,
+            "epoch": epoch_done,
+            "finished": finished,
+            "partial": partial_state,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "history": history,
+            "best_auroc": best_auroc,
+            "best_loss": best_loss,
+            "best_epoch": best_epoch,
+            "bad_epochs": bad_epochs,
+            "mlflow_run_id": run.run_id or run_id,
+        }
+
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            if finished or (max_epochs_this_run is not None and epoch - start_epoch >= max_epochs_this_run):
-                epoch -= 1
-                break
-            t0 = time.perf_counter()
-            model.train()
-            train_set.set_epoch(epoch)
-            sampler = make_sampler(
-                train_set.labels, cfg.sampler, num_samples=per_epoch, seed=cfg.seed, epoch=epoch
-            )
-            loader = make_loader(
-                train_set,
-                sampler,
-                batch_size=cfg.batch_size,
-                num_workers=cfg.num_workers,
-                pin_memory=use_cuda,
-                drop_last=drop_last,
-            )
-            gen = torch.Generator(device).manual_seed(_seed_for(cfg.seed, epoch, 17))
-            loss_sum, seen = 0.0, 0
-            for step, batch in enumerate(loader):
-                x = to_model_input(
-                    batch.images,
-                    device,
-                    input_px=cfg.input_px,
-                    channels_last=channels_last,
-                    augment=augment,
-                    generator=gen,
+        with _sigterm_saves_state(handle_sigterm) as sigterm:
+            for epoch in range(start_epoch, cfg.epochs):
+                if finished or (
+                    max_epochs_this_run is not None and epoch - start_epoch >= max_epochs_this_run
+                ):
+                    epoch -= 1
+                    break
+                t0 = time.perf_counter()
+                model.train()
+                train_set.set_epoch(epoch)
+                sampler: Any = make_sampler(
+                    train_set.labels, cfg.sampler, num_samples=per_epoch, seed=cfg.seed, epoch=epoch
                 )
-                y = batch.labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype(device), enabled=use_amp):
-                    logits = forward(x)
-                loss = _loss(logits.float(), y, cfg)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                if cfg.schedule == "cosine":
-                    sched.step()
-                loss_sum += float(loss.detach()) * len(y)
-                seen += len(y)
-                global_step = epoch * steps_per_epoch + step
-                if step % cfg.log_every_steps == 0:
-                    writer.add_scalar("train/loss_step", float(loss.detach()), global_step)
-                    writer.add_scalar("train/lr", opt.param_groups[0]["lr"], global_step)
-                if step == 0 and epoch == start_epoch:
-                    writer.add_image(
-                        "patches/train (red border = lesion)", _patch_grid(x, batch.labels), epoch
-                    )
-            train_s = time.perf_counter() - t0
-            probs, val_loss = _validate(
-                forward,
-                make_loader(
-                    val_set,
-                    make_sampler(val_set.labels, "sequential"),
-                    batch_size=cfg.batch_size * 2,
+                gen = torch.Generator(device).manual_seed(_seed_for(cfg.seed, epoch, 17))
+                loss_sum, seen, first_step = 0.0, 0, 0
+                if partial is not None:  # resume mid-epoch: the same rows, minus the batches done
+                    first_step, loss_sum, seen = partial["step"], partial["loss_sum"], partial["seen"]
+                    sampler = list(sampler)[first_step * cfg.batch_size :]
+                    gen.set_state(partial["generator"])
+                loader = make_loader(
+                    train_set,
+                    sampler,
+                    batch_size=cfg.batch_size,
                     num_workers=cfg.num_workers,
                     pin_memory=use_cuda,
-                ),
-                device,
-                cfg,
-                use_amp,
-                channels_last,
-                len(val_set),
-            )
-            auroc = safe_auroc(data.val["label"].to_numpy(), probs)
-            if cfg.schedule == "plateau":
-                sched.step(auroc if math.isfinite(auroc) else -val_loss)
-            row = {
-                "epoch": epoch,
-                "train_loss": loss_sum / max(seen, 1),
-                "val_loss": val_loss,
-                "val_auroc": auroc,
-                "lr": opt.param_groups[0]["lr"],
-                "train_images_per_s": seen / max(train_s, 1e-9),
-                "epoch_s": time.perf_counter() - t0,
-            }
-            history.append(row)
-            for key in ("train_loss", "val_loss", "val_auroc", "lr", "train_images_per_s"):
-                if math.isfinite(row[key]):
-                    writer.add_scalar(f"epoch/{key}", row[key], epoch)
-            writer.flush()
-            tracker.log_metrics(run, {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-            improved = (
-                auroc > best_auroc if math.isfinite(auroc) else (best_epoch < 0 or val_loss < best_loss)
-            )
-            if improved:
-                best_auroc, best_loss, best_epoch, bad_epochs = auroc, val_loss, epoch, 0
-                save_model(
-                    out_dir / "model.pt",
-                    model,
-                    {
-                        "fold": fold,
-                        "epoch": epoch,
-                        "val_auroc": auroc,
-                        "val_loss": val_loss,
-                        "config": json.dumps(cfg.fingerprint()),
-                    },
+                    drop_last=drop_last,
                 )
-                write_manifest(data.val.assign(prob=probs, oof_fold=fold), out_dir / "oof.parquet")
-            else:
-                bad_epochs += 1
-            stop = bad_epochs >= cfg.patience
-            finished = stop or epoch == cfg.epochs - 1
-            log.info(
-                "fold %d epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f%s; %.0f img/s, %.0fs",
-                fold,
-                epoch,
-                row["train_loss"],
-                val_loss,
-                auroc,
-                " (best)" if improved else "",
-                row["train_images_per_s"],
-                row["epoch_s"],
-            )
-            _save_state(
-                state_path,
-                {
-                    "format": STATE_FORMAT,
-                    "config": cfg.fingerprint(),
+                batches = iter(loader)  # draws the loader's base seed from the global RNG
+                if partial is not None:
+                    torch.set_rng_state(partial["rng"])  # as it was after the last batch done
+                    partial = None
+                for step, batch in enumerate(batches, start=first_step):
+                    x = to_model_input(
+                        batch.images,
+                        device,
+                        input_px=cfg.input_px,
+                        channels_last=channels_last,
+                        augment=augment,
+                        generator=gen,
+                    )
+                    y = batch.labels.to(device, non_blocking=True)
+                    with torch.autocast(device.type, dtype=amp_dtype(device), enabled=use_amp):
+                        logits = forward(x)
+                    loss = _loss(logits.float(), y, cfg)
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    if cfg.schedule == "cosine":
+                        sched.step()
+                    loss_sum += float(loss.detach()) * len(y)
+                    seen += len(y)
+                    global_step = epoch * steps_per_epoch + step
+                    if step % cfg.log_every_steps == 0:
+                        writer.add_scalar("train/loss_step", float(loss.detach()), global_step)
+                        writer.add_scalar("train/lr", opt.param_groups[0]["lr"], global_step)
+                    if step == 0 and epoch == start_epoch:
+                        writer.add_image(
+                            "patches/train (red border = lesion)", _patch_grid(x, batch.labels), epoch
+                        )
+                    if sigterm.signal is not None:
+                        mid = {
+                            "epoch": epoch,
+                            "step": step + 1,
+                            "loss_sum": loss_sum,
+                            "seen": seen,
+                            "generator": gen.get_state(),
+                            "rng": torch.get_rng_state(),
+                        }
+                        _save_state(state_path, snapshot(epoch - 1, mid))
+                        writer.flush()
+                        raise TrainingInterrupted(
+                            f"fold {fold}: SIGTERM at epoch {epoch}, batch {step + 1}; state saved to "
+                            f"{state_path} {time.monotonic() - sigterm.at:.1f}s after the signal; "
+                            "run again to resume"
+                        )
+                train_s = time.perf_counter() - t0
+                probs, val_loss = _validate(
+                    forward,
+                    make_loader(
+                        val_set,
+                        make_sampler(val_set.labels, "sequential"),
+                        batch_size=cfg.batch_size * 2,
+                        num_workers=cfg.num_workers,
+                        pin_memory=use_cuda,
+                    ),
+                    device,
+                    cfg,
+                    use_amp,
+                    channels_last,
+                    len(val_set),
+                )
+                auroc = safe_auroc(data.val["label"].to_numpy(), probs)
+                if cfg.schedule == "plateau":
+                    sched.step(auroc if math.isfinite(auroc) else -val_loss)
+                row = {
                     "epoch": epoch,
-                    "finished": finished,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "history": history,
-                    "best_auroc": best_auroc,
-                    "best_loss": best_loss,
-                    "best_epoch": best_epoch,
-                    "bad_epochs": bad_epochs,
-                    "mlflow_run_id": run.run_id or run_id,
-                },
-            )
-            if stop:
-                log.info(
-                    "fold %d: no better AUROC for %d epochs: early stop at epoch %d",
-                    fold,
-                    cfg.patience,
-                    epoch,
+                    "train_loss": loss_sum / max(seen, 1),
+                    "val_loss": val_loss,
+                    "val_auroc": auroc,
+                    "lr": opt.param_groups[0]["lr"],
+                    "train_images_per_s": seen / max(train_s, 1e-9),
+                    "epoch_s": time.perf_counter() - t0,
+                }
+                history.append(row)
+                for key in ("train_loss", "val_loss", "val_auroc", "lr", "train_images_per_s"):
+                    if math.isfinite(row[key]):
+                        writer.add_scalar(f"epoch/{key}", row[key], epoch)
+                writer.flush()
+                tracker.log_metrics(run, {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+                improved = (
+                    auroc > best_auroc if math.isfinite(auroc) else (best_epoch < 0 or val_loss < best_loss)
                 )
-                break
+                if improved:
+                    best_auroc, best_loss, best_epoch, bad_epochs = auroc, val_loss, epoch, 0
+                    save_model(
+                        out_dir / "model.pt",
+                        model,
+                        {
+                            "fold": fold,
+                            "epoch": epoch,
+                            "val_auroc": auroc,
+                            "val_loss": val_loss,
+                            "config": json.dumps(cfg.fingerprint()),
+                        },
+                    )
+                    write_manifest(data.val.assign(prob=probs, oof_fold=fold), out_dir / "oof.parquet")
+                else:
+                    bad_epochs += 1
+                stop = bad_epochs >= cfg.patience
+                finished = stop or epoch == cfg.epochs - 1
+                log.info(
+                    "fold %d epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f%s; %.0f img/s, %.0fs",
+                    fold,
+                    epoch,
+                    row["train_loss"],
+                    val_loss,
+                    auroc,
+                    " (best)" if improved else "",
+                    row["train_images_per_s"],
+                    row["epoch_s"],
+                )
+                _save_state(state_path, snapshot(epoch, None))
+                if sigterm.signal is not None and not finished:  # signalled during validation
+                    raise TrainingInterrupted(
+                        f"fold {fold}: SIGTERM during epoch {epoch}; state saved to {state_path} after it; "
+                        "run again to resume"
+                    )
+                if stop:
+                    log.info(
+                        "fold %d: no better AUROC for %d epochs: early stop at epoch %d",
+                        fold,
+                        cfg.patience,
+                        epoch,
+                    )
+                    break
+    except TrainingInterrupted:
+        tracker.end_run(run, "KILLED")
+        writer.close()
+        raise
     except BaseException:
         tracker.end_run(run, "FAILED")
         writer.close()
@@ -488,6 +622,8 @@ def train_fold(
         mlflow_run_id=run.run_id or run_id,
         config=cfg.fingerprint(),
         history=history,
+        model_sha256=file_sha256(out_dir / "model.pt"),
+        data_sha256=data_sha,
     )
     result.save(out_dir / "result.json")
     if finished:

@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from digilut.errors import DigilutError
+from digilut.errors import DigilutError, TrainingInterrupted
 from digilut.train_config import TrainConfig  # torch-free: the CLI starts fast
 
 _TRAIN_HELP = {
@@ -84,7 +84,8 @@ def register(app: typer.Typer) -> None:
 
 def _fail(err: Exception) -> typer.Exit:
     typer.echo(f"error: {err}", err=True)
-    return typer.Exit(2)
+    # SIGTERM: the state is saved; exit as a terminated process does (128 + 15), not as an error
+    return typer.Exit(143 if isinstance(err, TrainingInterrupted) else 2)
 
 
 @_with_config_options(TrainConfig, _TRAIN_HELP)
