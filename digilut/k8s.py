@@ -18,6 +18,12 @@ GPU_TOLERATION: Final = MappingProxyType(
     {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 )
 
+# The numeric non-root user and group of both images (images/*/Dockerfile: USER 10001:10001), which
+# every pipeline task also sets in its securityContext (runAsNonRoot); KFP's backend adds
+# allowPrivilegeEscalation=false, drop ALL capabilities and seccomp RuntimeDefault itself.
+RUN_AS_USER: Final = 10001
+RUN_AS_GROUP: Final = 10001
+
 # The ServiceAccount pipeline runs use (bound to the Role in manifests/base/rbac.yaml).
 PIPELINE_SERVICE_ACCOUNT: Final = "digilut-pipeline"
 

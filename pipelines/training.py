@@ -40,8 +40,16 @@ _E, _L, _S, _T, _P, _B = (
 )
 
 
+def non_root(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """Run as the images' numeric non-root user (the pod is refused if the image would run as root)."""
+    return kubernetes.set_security_context(
+        task, run_as_user=k8s.RUN_AS_USER, run_as_group=k8s.RUN_AS_GROUP, run_as_non_root=True
+    )
+
+
 def use_s3_and_tracking(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """S3 credentials from the Secret, endpoint/bucket/MLflow URI from the ConfigMap (as env)."""
+    """S3 credentials from the Secret, endpoint/bucket/MLflow URI from the ConfigMap (as env); non-root."""
+    non_root(task)
     kubernetes.use_secret_as_env(
         task, secret_name=k8s.S3_SECRET_NAME, secret_key_to_env={k: k for k in k8s.S3_SECRET_KEYS}
     )
@@ -55,7 +63,8 @@ def use_s3_and_tracking(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 def on_gpu(task: dsl.PipelineTask, *, cpu: str = "8", memory: str = "48Gi") -> dsl.PipelineTask:
     """One NVIDIA GPU, a GPU node (selector + taint toleration), a memory-backed /dev/shm for the
-    DataLoader workers, and retries with backoff for node preemption."""
+    DataLoader workers, and retries with backoff for node preemption; non-root."""
+    non_root(task)
     task.set_accelerator_type(k8s.GPU_RESOURCE).set_accelerator_limit(1)
     task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
     for key, value in k8s.GPU_NODE_SELECTOR.items():
@@ -72,7 +81,7 @@ def extract_and_merge(ing: dsl.PipelineTask, data_uri: str, **extract_params: ob
         ex = extract(data_uri=data_uri, slides=batch, **extract_params)
         use_s3_and_tracking(ex).set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("16Gi")
         ex.set_caching_options(True)
-    return merge(extracted=dsl.Collected(ex.outputs["extracted"])).set_caching_options(True)
+    return non_root(merge(extracted=dsl.Collected(ex.outputs["extracted"]))).set_caching_options(True)
 
 
 @dsl.pipeline(
@@ -127,14 +136,16 @@ def training(
         annotations=ing.outputs["annotations"],
         label_mode=label_mode,
         label_min_overlap=label_min_overlap,
-    ).set_caching_options(True)
+    )
+    non_root(lb).set_caching_options(True)
     sp = split_patients(
         labels=lb.outputs["labels"],
         test_fraction=test_fraction,
         folds=folds,
         neg_per_pos=neg_per_pos,
         seed=seed,
-    ).set_caching_options(True)
+    )
+    non_root(sp).set_caching_options(True)
     with dsl.ParallelFor(sp.outputs["Output"], parallelism=TRAIN_PARALLELISM) as fold:
         tr = train_fold(
             patches=mg.outputs["patches"],
