@@ -279,3 +279,37 @@ train_fold(Path({str(manifest)!r}), 1, Path({str(tmp_path)!r}), cfg, torch.devic
     assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
     resumed = train_fold(manifest, 1, tmp_path, quick, CPU)  # disk space back: resumes at epoch 1
     assert resumed.finished and resumed.history[0] == first.history[0]
+
+
+# --- a worker process dying ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_slide_whose_worker_is_killed_is_reported_and_the_batch_goes_on(tmp_path: Path) -> None:
+    """SIGKILL (what the OOM killer sends) to the worker extracting a slide, twice — once in the shared
+    pool, once in the pool of its own the slide is retried in: the slide is reported ``worker killed``
+    and ``extract_slides`` returns normally."""
+    import multiprocessing
+    import threading
+
+    from digilut.extract import ExtractConfig, extract_slides
+
+    plan = plan_slide("victim_a.tif", SynthConfig(), seed=3, positive=True)
+    slide = write_slide(plan, tmp_path / "images" / "victim_a.tif")
+    results: dict[str, object] = {}
+    runner = threading.Thread(
+        target=lambda: results.update(extract_slides([slide], tmp_path / "out", ExtractConfig(), workers=1))
+    )
+    runner.start()
+    killed: set[int] = set()
+    deadline = time.monotonic() + 120
+    while runner.is_alive() and len(killed) < 2 and time.monotonic() < deadline:
+        for child in multiprocessing.active_children():
+            if child.pid and child.pid not in killed:
+                os.kill(child.pid, signal.SIGKILL)
+                killed.add(child.pid)
+        time.sleep(0.05)
+    runner.join(120)
+    assert len(killed) == 2 and not runner.is_alive()
+    r = results["victim_a.tif"]
+    assert r.status == "failed" and r.error.startswith("worker killed")  # type: ignore[attr-defined]
