@@ -48,6 +48,8 @@ def train_fold(
     model: Output[Model],
     tensorboard: Output[Artifact],
     metrics: Output[Metrics],
+    patches_per_epoch: int = 0,
+    max_val_patches: int = 0,
 ):
     """Train one fold's ResNet on a GPU (CPU without one); the model folder holds OOF predictions."""
     import os
@@ -59,7 +61,15 @@ def train_fold(
     from digilut.train_config import TrainConfig
 
     cfg = TrainConfig(
-        arch=arch, loss=loss, input_px=input_px, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
+        arch=arch,
+        loss=loss,
+        input_px=input_px,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        patches_per_epoch=patches_per_epoch,
+        max_val_patches=max_val_patches,
     )
     tracking = TrackingConfig(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""), experiment=experiment)
     parent_run_id = Path(tracking_run.path).read_text().strip()

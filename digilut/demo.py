@@ -3,7 +3,9 @@
 Generates synthetic slides, starts SeaweedFS (S3, credentials required, loopback only) and an
 MLflow tracking server (SQLite backend, artifacts in the S3 bucket), uploads the dataset, runs the
 training pipeline through ``kfp.local`` reading its input from S3 and publishing its results there,
-prints a summary, and stops the servers (``keep=True`` leaves them up).
+prints a summary, and stops the servers. ``keep=True`` leaves them up and writes
+``WORK/s3.env`` (the endpoints and keys, mode 0600) and ``WORK/services.json``, so that
+``source WORK/s3.env`` reaches them and ``digilut services down --dir WORK`` stops them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class DemoResult:
     mlflow_uri: str
     s3_endpoint: str
     tensorboard_cmd: str
+    env_file: Path | None = None  # keep=True: the servers' endpoints and keys (source it)
 
 
 def run_demo(
@@ -42,11 +45,18 @@ def run_demo(
     echo: bool = True,
 ) -> DemoResult:
     """Run the demo in ``work`` (data, servers' state, run outputs); see the module docstring."""
-    from digilut.services import start_mlflow, start_s3
+    from digilut.errors import ConfigError
+    from digilut.services import running_saved, save_state, start_mlflow, start_s3, write_env_file
     from digilut.storage import upload_dir
     from digilut.synth import SynthConfig, synth_dataset
 
     work = Path(work).resolve()
+    state_file = work / "services.json"
+    if running_saved(state_file):
+        raise ConfigError(
+            f"the servers of an earlier `make demo KEEP=1` still run from {work}: "
+            f"stop them first with `digilut services down --dir {work}`"
+        )
     data = work / "data"
     if not (data / "train.csv").is_file():
         t0 = time.perf_counter()
@@ -80,7 +90,11 @@ def run_demo(
                 os.environ.clear()
                 os.environ.update(saved)
             tb = f"{Path(sys.executable).parent / 'tensorboard'} --logdir {work / 'run' / 'kfp-root'}"
-            return DemoResult(run, results_uri, mlflow.tracking_uri, str(cfg.endpoint_url), tb)
+            env_file = None
+            if keep:
+                env_file = write_env_file(work / "s3.env", cfg, mlflow.tracking_uri)
+                save_state(state_file, [s3, mlflow])
+            return DemoResult(run, results_uri, mlflow.tracking_uri, str(cfg.endpoint_url), tb, env_file)
 
 
 def _say(echo: bool, msg: str) -> None:

@@ -17,10 +17,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "batch_size": 4,
         "folds": 2,
         "test_fraction": 0.3,
-        "input_px": 96,
+        "input_px": 64,
         "epochs": 3,
         "train_batch_size": 32,
         "lr": 1e-3,
+        "patches_per_epoch": 960,
+        "max_val_patches": 1000,
         "predict_batch_size": 128,
     },
     "tiny": {

@@ -23,6 +23,7 @@ from typing import Any
 
 from digilut.errors import DigilutError
 from digilut.profiles import profile_params
+from digilut.services import stop_group
 
 log = logging.getLogger(__name__)
 _ANSI = r"(?:\x1b\[[0-9;]*m)*"  # kfp.local colours task names and statuses
@@ -103,30 +104,16 @@ def run_local(
     failed: list[str] = []
     started: dict[str, list[float]] = {}  # parallel iterations share a task name
     with open(log_path, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            logf.write(line)
-            m = _TASK.search(line)
-            if m:
-                task = m.group("task")
-                if m.group("what") == "Executing task":
-                    started.setdefault(task, []).append(time.perf_counter())
-                    continue
-                status = (
-                    (_STATUS.search(line) or _STATUS.search("status ?")).group("status")
-                    if _STATUS.search(line)
-                    else "?"
-                )
-                took = time.perf_counter() - (started.get(task) or [t0]).pop(0)
-                msg = f"[{time.perf_counter() - t0:6.0f}s] step {task:<16} {status} ({took:.0f}s)"
-                if status != "SUCCESS":
-                    failed.append(task)
-                if echo:
-                    print(msg, flush=True)
-            elif echo and _PROGRESS.search(line):
-                print("          " + line.rstrip().split("INFO]: ", 1)[-1][:150], flush=True)
-        rc = proc.wait()
+        # Its own process group: an interrupted run (Ctrl-C, SIGTERM) stops every task it started.
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+        )
+        try:
+            rc = _follow(proc, logf, t0, started, failed, echo)
+        except BaseException:
+            stop_group(proc.pid)
+            proc.wait()
+            raise
     if rc != 0 or failed:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
         raise PipelineRunError(
@@ -146,3 +133,34 @@ def run_local(
     return RunResult(
         out, out / "boxes.csv", out / "metrics.json", out / "report.html", time.perf_counter() - t0, metrics
     )
+
+
+def _follow(
+    proc: subprocess.Popen[str],
+    logf: Any,
+    t0: float,
+    started: dict[str, list[float]],
+    failed: list[str],
+    echo: bool,
+) -> int:
+    """Copy the child's output to ``logf``, print a progress line per step; its exit status."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        logf.write(line)
+        m = _TASK.search(line)
+        if m:
+            task = m.group("task")
+            if m.group("what") == "Executing task":
+                started.setdefault(task, []).append(time.perf_counter())
+                continue
+            found = _STATUS.search(line)
+            status = found.group("status") if found else "?"
+            took = time.perf_counter() - (started.get(task) or [t0]).pop(0)
+            msg = f"[{time.perf_counter() - t0:6.0f}s] step {task:<16} {status} ({took:.0f}s)"
+            if status != "SUCCESS":
+                failed.append(task)
+            if echo:
+                print(msg, flush=True)
+        elif echo and _PROGRESS.search(line):
+            print("          " + line.rstrip().split("INFO]: ", 1)[-1][:150], flush=True)
+    return proc.wait()

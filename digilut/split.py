@@ -98,6 +98,20 @@ def undersample(df: pd.DataFrame, neg_per_pos: float, seed: int) -> np.ndarray:
     return keep
 
 
+def _check_folds_train_on_both_classes(train: pd.DataFrame, folds: int) -> None:
+    """Fail here, not in training: a fold whose training rows (the other folds) lack a class."""
+    for k in range(folds):
+        rows = train[train["fold"] != k]
+        if rows["label"].nunique() < 2:
+            missing = "lesion" if rows["label"].max() == 0 else "lesion-free"
+            positive = train.groupby("patient", observed=True)["label"].max()
+            raise SplitError(
+                f"fold {k}: its training patients hold no {missing} patch "
+                f"({int(positive.sum())} of {len(positive)} training patients have lesions, {folds} folds): "
+                "add patients with lesions, lower folds or test_fraction"
+            )
+
+
 def split_dataset(manifest: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
     """Return ``manifest`` with ``split`` (train/test), ``fold`` (-1 for test) and ``sampled``.
 
@@ -120,6 +134,7 @@ def split_dataset(manifest: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
     out["sampled"] = sampled
     check_split(out)
     tr = out[~is_test]
+    _check_folds_train_on_both_classes(tr, cfg.folds)
     log.info(
         "split: %d test / %d train patients in %d folds; train patches %d → %d after undersampling "
         "(%d positive)",

@@ -107,6 +107,8 @@ def training(
     epochs: int = _T.epochs,
     train_batch_size: int = _T.batch_size,
     lr: float = _T.lr,
+    patches_per_epoch: int = _T.patches_per_epoch,
+    max_val_patches: int = _T.max_val_patches,
     predict_batch_size: int = _P.batch_size,
     boxes_method: str = _B.method,
     tune_boxes: bool = True,
@@ -160,6 +162,8 @@ def training(
             seed=seed,
             experiment=experiment,
             tracking_run=tracking.outputs["tracking"],
+            patches_per_epoch=patches_per_epoch,
+            max_val_patches=max_val_patches,
         )
         on_gpu(use_s3_and_tracking(tr)).set_caching_options(False)
     pr = predict(

@@ -66,6 +66,8 @@ def demo(
     work: Path = typer.Argument(Path("demo-out"), help="Working folder (data, server state, run outputs)."),
     patients: int = typer.Option(8, help="Synthetic patients (2 slides each)."),
     seed: int = typer.Option(0, help="Seed of the synthetic dataset."),
+    size: str = typer.Option("demo", help="Synthetic slide size: demo (12k×9k px) | tiny | full."),
+    profile: str = typer.Option("demo", help="Pipeline parameter set (see `digilut run --profile`)."),
     keep: bool = typer.Option(
         False, "--keep", envvar="KEEP", help="Leave the S3 and MLflow servers running."
     ),
@@ -74,7 +76,7 @@ def demo(
     from digilut.demo import run_demo
 
     try:
-        d = run_demo(work, patients=patients, seed=seed, keep=keep)
+        d = run_demo(work, patients=patients, seed=seed, size=size, profile=profile, keep=keep)
     except DigilutError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from err
@@ -90,6 +92,8 @@ def demo(
         f"MLflow UI:  {d.mlflow_uri}" + ("" if keep else " (stopped; KEEP=1 make demo leaves it up)"),
         f"TensorBoard: {d.tensorboard_cmd}",
     ]
+    if d.env_file:
+        lines.append(f"servers left running: source {d.env_file}; stop: digilut services down --dir {work}")
     typer.echo("\n".join(lines))
 
 

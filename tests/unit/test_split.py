@@ -50,6 +50,14 @@ def test_too_few_patients_for_the_folds_is_a_clear_error():
         split_dataset(fake_manifest(n_patients=4), SplitConfig(folds=5))
 
 
+def test_a_fold_that_would_train_on_one_class_fails_at_the_split():
+    df = fake_manifest(n_patients=6)
+    df.loc[~df.patient.isin(["P01"]), "label"] = 0  # one patient with lesions, 2 folds
+    df.loc[df.patient == "P01", "label"] = 1
+    with pytest.raises(SplitError, match=r"fold \d: its training patients hold no lesion patch \(1 of 5"):
+        split_dataset(df, SplitConfig(folds=2, test_fraction=0.2))
+
+
 def test_check_split_catches_a_patient_on_both_sides():
     df = pd.DataFrame({"patient": ["a", "a"], "split": ["train", "test"], "fold": [0, -1]})
     with pytest.raises(SplitError, match="a on both sides"):
