@@ -1,8 +1,8 @@
 """Patient-level train/test split, negative undersampling and cross-validation folds.
 
 Everything is grouped by patient (a patient's two slides never straddle a split or a fold) and
-deterministic per seed. The split is stratified by whether a patient has any lesion, the folds by
-``StratifiedGroupKFold`` on the patch labels.
+deterministic per seed. The split is stratified by whether a patient has any lesion; the folds deal
+patients with lesions first, balancing positive patches (:func:`assign_folds`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from digilut.errors import ConfigError, DigilutError
 
@@ -60,19 +59,32 @@ def split_patients(patients: pd.DataFrame, test_fraction: float, seed: int) -> s
 
 
 def assign_folds(train: pd.DataFrame, folds: int, seed: int) -> dict[str, int]:
-    """Fold of each training patient via ``StratifiedGroupKFold`` on patch labels."""
-    patients = train["patient"].unique()
-    if len(patients) < folds:
+    """Fold of each training patient, stratified by patient.
+
+    Patients with lesions are dealt first, in a seeded random order, each to the fold holding the
+    fewest positive patches so far (ties: fewest patients, then the lower fold); then the others,
+    each to the fold with the fewest patches. So every fold gets a patient with lesions whenever
+    there are at least ``folds`` of them — patch-level ``StratifiedGroupKFold`` can put both of two
+    such patients in one fold, leaving another fold to train on a single class.
+    """
+    per_patient = train.groupby("patient", observed=True)["label"].agg(["sum", "size"])
+    if len(per_patient) < folds:
         raise SplitError(
-            f"{len(patients)} training patient(s) cannot fill {folds} folds; lower --folds or add patients"
+            f"{len(per_patient)} training patient(s) cannot fill {folds} folds; lower --folds or add patients"
         )
-    sgkf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    order = np.random.default_rng([seed, 7]).permutation(len(per_patient))
+    per_patient = per_patient.iloc[order]
+    positives, patches, members = np.zeros(folds), np.zeros(folds), np.zeros(folds)
     fold_of: dict[str, int] = {}
-    y = train["label"].to_numpy()
-    groups = train["patient"].astype(str).to_numpy()
-    for k, (_, val_idx) in enumerate(sgkf.split(np.zeros(len(train)), y, groups)):
-        for p in np.unique(groups[val_idx]):
-            fold_of[str(p)] = k
+    for with_lesions in (True, False):
+        chosen = per_patient[(per_patient["sum"] > 0) == with_lesions]
+        for patient, (n_pos, n) in zip(chosen.index, chosen.to_numpy(), strict=True):
+            key = positives if with_lesions else patches
+            k = int(np.lexsort((np.arange(folds), members, key))[0])
+            fold_of[str(patient)] = k
+            positives[k] += n_pos
+            patches[k] += n
+            members[k] += 1
     return fold_of
 
 

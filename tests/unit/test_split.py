@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from digilut.split import SplitConfig, SplitError, check_split, split_dataset, undersample
+from digilut.split import SplitConfig, SplitError, assign_folds, check_split, split_dataset, undersample
 
 
 def fake_manifest(n_patients=12, per_slide=40, seed=0):
@@ -48,6 +48,22 @@ def test_undersampling_keeps_every_positive_and_the_ratio_per_fold():
 def test_too_few_patients_for_the_folds_is_a_clear_error():
     with pytest.raises(SplitError, match="cannot fill 5 folds"):
         split_dataset(fake_manifest(n_patients=4), SplitConfig(folds=5))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_every_fold_gets_a_patient_with_lesions_when_there_are_enough(seed):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(7):  # 3 patients with lesions (very unequal amounts), 4 without
+        n_pos = [40, 3, 1][p] if p < 3 else 0
+        n = int(rng.integers(50, 200))
+        rows += [(f"P{p}", int(i < n_pos)) for i in range(n)]
+    df = pd.DataFrame(rows, columns=["patient", "label"])
+    fold_of = assign_folds(df, 3, seed)
+    assert sorted(fold_of) == [f"P{p}" for p in range(7)]
+    assert sorted(fold_of[f"P{p}"] for p in range(3)) == [0, 1, 2]  # one patient with lesions each
+    sizes = df.groupby(df.patient.map(fold_of)).size()
+    assert len(sizes) == 3 and sizes.max() < 3 * sizes.min()  # negatives fill the folds evenly
 
 
 def test_a_fold_that_would_train_on_one_class_fails_at_the_split():
