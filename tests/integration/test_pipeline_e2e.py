@@ -99,3 +99,19 @@ def test_a_corrupt_slide_is_reported_and_the_run_completes(pipeline_run):
     assert report["broken_a.tif"]["status"] == "failed" and "broken_a.tif" in report["broken_a.tif"]["error"]
     ok = [s for s, r in report.items() if r["status"] == "ok"]
     assert len(ok) == len(list((data / "images").iterdir())) - 1
+
+
+def test_no_secret_value_in_the_run_logs_or_outputs(pipeline_run):
+    """The S3 keys reached every component (they read the bucket), yet neither the run's log nor any
+    file it wrote (executor logs, artifacts, reports) holds them."""
+    result, cfg, _ = pipeline_run
+    secrets = [cfg.secret_access_key, cfg.access_key_id]
+    assert all(secrets) and (result.out_dir / "pipeline.log").is_file()
+    scanned = 0
+    for path in result.out_dir.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            data = path.read_bytes()
+            scanned += 1
+            for secret in secrets:
+                assert secret.encode() not in data, f"{path}: holds an S3 key"
+    assert scanned > 20
