@@ -10,9 +10,15 @@ Content: a few biopsy-like tissue fragments on white glass with an H&E-like text
 scattered purple nuclei); lesions are cell-dense, dark-purple regions inside tissue. Box sizes
 follow the real DigiLut distribution (level-0 side ≈ √area: 5th/50th/95th percentiles
 445 / 943 / 2119 px, from the 927 real training boxes), 1–5 boxes per positive slide, some slides
-without any. Everything is drawn procedurally per tile, at each level's own scale, from masks at a
-coarse grid, so even a full-size slide (83k × 197k px) is written with bounded memory.
-Deterministic per seed.
+without any. Lesions lie as close together as on real slides: 30 % of the real boxes have their
+nearest neighbour (Chebyshev gap between boxes of one slide) within 4096 px — 12.5 % within
+512 px, 2.2 % overlapping — and the rest are far away (median 33,000 px); so each further box
+is, with :data:`NEAR_PROBABILITY`, placed beside a placed one at a gap drawn from the real near
+gaps (:data:`NEAR_GAP_DECILES_PX`), otherwise at least :data:`FAR_GAP_PX` from every other box
+(the real far gaps are larger, but beyond 2048 px lesions no longer share a patch or a box fit;
+a box that finds no room is left out). Everything is drawn procedurally per tile, at each
+level's own scale, from masks at a coarse grid, so even a full-size slide (83k × 197k px) is
+written with bounded memory. Deterministic per seed.
 """
 
 from __future__ import annotations
@@ -44,6 +50,12 @@ MASK_PX = 64  # level-0 pixels per cell of the content masks (16 µm)
 BOX_SIDE_MEDIAN_PX = 943.0
 BOX_SIDE_SIGMA = 0.475
 BOX_SIDE_RANGE_PX = (250.0, 3500.0)  # the real 1st/99th percentiles are 287 / 3465 px
+BOX_ASPECT_SIGMA = 0.375  # real width/height: sd of its log 0.375, 1st/99th percentiles 0.36 / 2.9
+# Nearest-neighbour gaps of the real boxes (863 boxes on slides with more than one): deciles of
+# the gaps below 4096 px (281 boxes, 30 % of all boxes; negative = overlapping boxes).
+NEAR_GAP_DECILES_PX = (-438, 47, 227, 340, 469, 741, 1081, 1457, 1887, 2560, 3946)
+NEAR_PROBABILITY = 0.2  # a further box lies beside a placed one (→ ~30 % of boxes near another)
+FAR_GAP_PX = 2048  # other boxes keep this gap: beyond the reach of a 512 px patch and the box fit
 
 # Level-0 (width, height), fragments per slide, fragment radius range (level-0 px)
 _SIZES: dict[str, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]] = {
@@ -114,6 +126,53 @@ def _blob(
     return np.clip((1.0 - r + noise) * 4.0, 0.0, 1.0)
 
 
+def _gap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    """Chebyshev gap between two boxes ``(x1, x2, y1, y2)`` (negative when they overlap)."""
+    return max(max(a[0], b[0]) - min(a[1], b[1]), max(a[2], b[2]) - min(a[3], b[3]))
+
+
+def _place_box(
+    rng: np.random.Generator,
+    tissue: np.ndarray,
+    slide_wh: tuple[int, int],
+    box_wh: tuple[float, float],
+    boxes: list[tuple[int, int, int, int]],
+    near_gap: float | None,
+    tries: int = 200,
+) -> tuple[int, int, int, int] | None:
+    """A box of ``box_wh`` centred on tissue, inside the slide: beside a random placed box at
+    ``near_gap`` (and no closer to the others), or, with ``near_gap`` None, at least
+    :data:`FAR_GAP_PX` from every placed box. None: no room after ``tries`` positions."""
+    (w0, h0), (bw, bh) = slide_wh, box_wh
+    inside = np.argwhere(tissue > 0.95)
+    if len(inside) == 0:
+        return None
+    for _ in range(tries):
+        if near_gap is not None:
+            x1, x2, y1, y2 = boxes[int(rng.integers(len(boxes)))]
+            g, side = near_gap, int(rng.integers(4))
+            if side < 2:  # left / right of the anchor, overlapping it vertically
+                x = (x2 + g + bw / 2) if side == 0 else (x1 - g - bw / 2)
+                y = rng.uniform(y1 - bh / 2, y2 + bh / 2)
+            else:
+                y = (y2 + g + bh / 2) if side == 2 else (y1 - g - bh / 2)
+                x = rng.uniform(x1 - bw / 2, x2 + bw / 2)
+            r, c = int(y // MASK_PX), int(x // MASK_PX)
+            if not (0 <= r < tissue.shape[0] and 0 <= c < tissue.shape[1]) or tissue[r, c] <= 0.95:
+                continue
+            need = near_gap - 2  # int rounding of the edges
+        else:
+            cy, cx = inside[int(rng.integers(len(inside)))]
+            x, y = (cx + 0.5) * MASK_PX, (cy + 0.5) * MASK_PX
+            need = FAR_GAP_PX
+        box = (int(x - bw / 2), int(x + bw / 2), int(y - bh / 2), int(y + bh / 2))
+        if box[0] < 0 or box[2] < 0 or box[1] > w0 or box[3] > h0:
+            continue
+        if all(_gap(box, b) >= need for b in boxes):
+            return box
+    return None
+
+
 def plan_slide(name: str, cfg: SynthConfig, seed: int, positive: bool) -> SlidePlan:
     """Draw tissue fragments, lesions and their boxes for one slide."""
     rng = np.random.default_rng(seed)
@@ -128,34 +187,24 @@ def plan_slide(name: str, cfg: SynthConfig, seed: int, positive: bool) -> SlideP
     lesion = np.zeros_like(tissue)
     boxes: list[tuple[int, int, int, int]] = []
     n_boxes = int(rng.integers(1, cfg.max_boxes_per_slide + 1)) if positive else 0
-    tries = 0
-    while len(boxes) < n_boxes and tries < 200:
-        tries += 1
+    yy, xx = np.mgrid[0:mh, 0:mw].astype(np.float32) + 0.5
+    for _ in range(n_boxes):
         side = float(np.clip(rng.lognormal(np.log(BOX_SIDE_MEDIAN_PX), BOX_SIDE_SIGMA), *BOX_SIDE_RANGE_PX))
-        aspect = float(np.clip(rng.lognormal(0, 0.3), 1 / 3, 3))
+        aspect = float(np.clip(rng.lognormal(0, BOX_ASPECT_SIGMA), 1 / 3, 3))
         bw, bh = side * np.sqrt(aspect), side / np.sqrt(aspect)
-        # Centre the lesion at a random tissue cell well inside a fragment.
-        inside = np.argwhere(tissue > 0.95)
-        if len(inside) == 0:
-            break
-        cy_c, cx_c = inside[int(rng.integers(len(inside)))]
-        x, y = (cx_c + 0.5) * MASK_PX, (cy_c + 0.5) * MASK_PX
-        x1, x2 = int(x - bw / 2), int(x + bw / 2)
-        y1, y2 = int(y - bh / 2), int(y + bh / 2)
-        if x1 < 0 or y1 < 0 or x2 > w0 or y2 > h0:
-            continue
-        if any(not (x2 < b[0] or x1 > b[1] or y2 < b[2] or y1 > b[3]) for b in boxes):
-            continue  # lesions do not touch: each box is one lesion
+        near = bool(boxes) and rng.random() < NEAR_PROBABILITY
+        gap = float(np.interp(rng.random(), np.linspace(0, 1, 11), NEAR_GAP_DECILES_PX))
+        box = _place_box(rng, tissue, (w0, h0), (bw, bh), boxes, gap if near else None)
+        if box is None:
+            continue  # no room on this slide: one lesion fewer
+        x1, x2, y1, y2 = box
         # The lesion fills its box as a solid ellipse (blurred edge inside the box).
-        my1, my2 = y1 / MASK_PX, y2 / MASK_PX
-        mx1, mx2 = x1 / MASK_PX, x2 / MASK_PX
-        yy, xx = np.mgrid[0:mh, 0:mw].astype(np.float32) + 0.5
-        u = (xx - (mx1 + mx2) / 2) / ((mx2 - mx1) / 2)
-        v = (yy - (my1 + my2) / 2) / ((my2 - my1) / 2)
+        u = (xx - (x1 + x2) / 2 / MASK_PX) / ((x2 - x1) / 2 / MASK_PX)
+        v = (yy - (y1 + y2) / 2 / MASK_PX) / ((y2 - y1) / 2 / MASK_PX)
         ell = np.clip((1.0 - np.sqrt(u * u + v * v)) * 6.0 + 0.5, 0.0, 1.0)
         lesion = np.maximum(lesion, ell)
         tissue = np.maximum(tissue, ell)  # a lesion is always tissue
-        boxes.append((x1, x2, y1, y2))
+        boxes.append(box)
     return SlidePlan(name, w0, h0, tissue, lesion, boxes, seed)
 
 
