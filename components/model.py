@@ -50,6 +50,7 @@ def train_fold(
     metrics: Output[Metrics],
     patches_per_epoch: int = 0,
     max_val_patches: int = 0,
+    checkpoint_uri: str = "",
 ):
     """Train one fold's ResNet on a GPU (CPU without one); the model folder holds OOF predictions."""
     import os
@@ -81,6 +82,7 @@ def train_fold(
         cfg,
         tracking,
         parent_run_id=parent_run_id,
+        checkpoint_uri=checkpoint_uri,
     )
     shutil.copytree(Path(model.path) / "tensorboard", tensorboard.path, dirs_exist_ok=True)
     model.metadata.update(

@@ -85,6 +85,7 @@ def run_demo(
                     echo=echo,
                     run_name="demo",
                     register_model="digilut-ensemble",
+                    checkpoint_uri=f"s3://{BUCKET}/checkpoints",
                 )
             finally:
                 os.environ.clear()

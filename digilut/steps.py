@@ -20,6 +20,7 @@ Artifacts (folders)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ from digilut.report import RunFigures, write_report
 from digilut.shards import atomic_write
 from digilut.split import SplitConfig, split_dataset
 from digilut.tracking import Tracker, TrackingConfig
-from digilut.train import FoldResult, train_fold
+from digilut.train import FoldResult, fold_data_digest, fold_rows, train_fold
 from digilut.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,33 @@ def start_tracking_step(run_name: str, cfg: TrackingConfig) -> str:
     return run_id
 
 
+def checkpoint_location(checkpoint_uri: str, manifest: Path, fold: int, cfg: TrainConfig) -> str:
+    """Where fold ``fold`` keeps its checkpoints under ``checkpoint_uri`` (a folder or ``s3://``
+    prefix): ``fold<k>-<key>``, the key hashing the fold's rows and the training settings — so a
+    re-run of the same pipeline (a new pod, a new run) finds it, and another dataset or config does not."""
+    data = fold_rows(read_manifest(manifest), fold, cfg)
+    key = hashlib.sha256(
+        (fold_data_digest(data) + json.dumps(cfg.fingerprint(), sort_keys=True)).encode()
+    ).hexdigest()[:16]
+    return f"{checkpoint_uri.rstrip('/')}/fold{fold}-{key}"
+
+
+def restore_checkpoint(where: str, model_dir: Path) -> bool:
+    """Copy a fold's checkpoint folder ``where`` (folder or ``s3://``) into ``model_dir``; False if none."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if where.startswith("s3://"):
+        from digilut.ingest import s3_target
+        from digilut.storage import download_prefix
+
+        s3, prefix = s3_target(where)
+        done = download_prefix(s3, prefix, model_dir)
+        return bool(done.transferred or done.skipped)
+    if Path(where).is_dir():
+        shutil.copytree(where, model_dir, dirs_exist_ok=True)
+        return True
+    return False
+
+
 def train_step(
     patches: Path,
     split: Path,
@@ -194,13 +222,38 @@ def train_step(
     tracking: TrackingConfig,
     *,
     parent_run_id: str = "",
+    checkpoint_uri: str = "",
 ) -> FoldResult:
-    """Train one fold on the device chosen here (CUDA when present); resumes from ``model_dir``."""
+    """Train one fold on the device chosen here (CUDA when present); resumes from ``model_dir``.
+
+    With ``checkpoint_uri`` (a folder or ``s3://`` prefix that outlives the run), the fold's folder
+    is copied there after every epoch and restored from there first: a fold killed on one pod
+    resumes on the next run's pod, and a finished fold is reused (Argo ignores ``set_retry``
+    inside a ``ParallelFor``, so recovery comes from here, not from retries).
+    """
     device = pick_device()
+    manifest = split / MANIFEST_NAME
+    on_checkpoint = None
+    if checkpoint_uri:
+        where = checkpoint_location(checkpoint_uri, manifest, fold, cfg)
+        if restore_checkpoint(where, model_dir):
+            log.info("fold %d: checkpoint restored from %s", fold, where)
+
+        def on_checkpoint(folder: Path) -> None:
+            publish_results(folder, where)
+
     with Tracker(tracking) as tracker:
         parent = tracker.attach(parent_run_id) if parent_run_id else None
         return train_fold(
-            split / MANIFEST_NAME, fold, model_dir, cfg, device, tracker=tracker, parent=parent, root=patches
+            manifest,
+            fold,
+            model_dir,
+            cfg,
+            device,
+            tracker=tracker,
+            parent=parent,
+            root=patches,
+            on_checkpoint=on_checkpoint,
         )
 
 

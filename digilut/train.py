@@ -28,7 +28,7 @@ import pickle
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +275,7 @@ def train_fold(
     max_epochs_this_run: int | None = None,
     root: str | Path | None = None,
     handle_sigterm: bool = True,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> FoldResult:
     """Train fold ``fold`` of the split ``manifest`` into ``out_dir`` (see the module docstring).
 
@@ -287,7 +288,9 @@ def train_fold(
     ``handle_sigterm``: SIGTERM (a pod being deleted) saves the full state at the next batch
     boundary — mid-epoch, sampler position and RNG states included — into ``last.pt`` and raises
     :class:`~digilut.errors.TrainingInterrupted`; a re-run resumes at that batch and ends with the
-    same weights as an uninterrupted run. A finished fold is reused only when ``model.pt`` still has
+    same weights as an uninterrupted run. ``on_checkpoint(out_dir)`` is called after every saved
+    state and after ``result.json`` (e.g. to copy the folder where a new pod finds it: see
+    :func:`digilut.steps.train_step`). A finished fold is reused only when ``model.pt`` still has
     the content recorded in ``result.json`` and the fold's rows are the same (content hashes).
     """
     t_start = time.perf_counter()
@@ -510,6 +513,8 @@ def train_fold(
                         }
                         _save_state(state_path, snapshot(epoch - 1, mid))
                         writer.flush()
+                        if on_checkpoint:
+                            on_checkpoint(out_dir)
                         raise TrainingInterrupted(
                             f"fold {fold}: SIGTERM at epoch {epoch}, batch {step + 1}; state saved to "
                             f"{state_path} {time.monotonic() - sigterm.at:.1f}s after the signal; "
@@ -582,6 +587,9 @@ def train_fold(
                     row["epoch_s"],
                 )
                 _save_state(state_path, snapshot(epoch, None))
+                if on_checkpoint:
+                    writer.flush()
+                    on_checkpoint(out_dir)
                 if sigterm.signal is not None and not finished:  # signalled during validation
                     raise TrainingInterrupted(
                         f"fold {fold}: SIGTERM during epoch {epoch}; state saved to {state_path} after it; "
@@ -626,6 +634,8 @@ def train_fold(
         data_sha256=data_sha,
     )
     result.save(out_dir / "result.json")
+    if on_checkpoint:
+        on_checkpoint(out_dir)
     if finished:
         tracker.log_metrics(run, {"best_val_auroc": best_auroc, "best_epoch": best_epoch}, step=best_epoch)
         tracker.log_model(run, out_dir / "model.pt")

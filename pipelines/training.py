@@ -109,6 +109,7 @@ def training(
     lr: float = _T.lr,
     patches_per_epoch: int = _T.patches_per_epoch,
     max_val_patches: int = _T.max_val_patches,
+    checkpoint_uri: str = "",
     predict_batch_size: int = _P.batch_size,
     boxes_method: str = _B.method,
     tune_boxes: bool = True,
@@ -119,7 +120,9 @@ def training(
 ) -> None:
     """``data_uri``: ``s3://bucket/prefix`` (or a folder, locally) holding images/*.tif and train.csv;
     ``results_uri``: where boxes.csv, metrics.json, the report and the fold models are published ("" =
-    artifacts only); ``register_model``: register the ensemble under this MLflow model name ("" = no)."""
+    artifacts only); ``register_model``: register the ensemble under this MLflow model name ("" = no);
+    ``checkpoint_uri``: a folder or ``s3://`` prefix that outlives runs, where each fold keeps its
+    checkpoints so that re-running a failed or half-finished pipeline resumes its folds ("" = none)."""
     ing = use_s3_and_tracking(ingest(data_uri=data_uri, batch_size=batch_size, require_boxes=True))
     ing.set_caching_options(False)  # the bucket may have changed since the last run
     tracking = use_s3_and_tracking(start_tracking(run_name=run_name, experiment=experiment))
@@ -164,6 +167,7 @@ def training(
             tracking_run=tracking.outputs["tracking"],
             patches_per_epoch=patches_per_epoch,
             max_val_patches=max_val_patches,
+            checkpoint_uri=checkpoint_uri,
         )
         on_gpu(use_s3_and_tracking(tr)).set_caching_options(False)
     pr = predict(

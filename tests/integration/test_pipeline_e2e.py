@@ -8,6 +8,7 @@ corrupt slide is reported while the others finish.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pandas as pd
@@ -43,6 +44,7 @@ def pipeline_run(s3_server, mlflow_server, tmp_path_factory):
             experiment="digilut-e2e",
             run_name="e2e",
             register_model="digilut-e2e-ensemble",
+            checkpoint_uri=f"s3://{cfg.bucket}/e2e/checkpoints",
         )
     finally:
         mp.undo()
@@ -58,6 +60,10 @@ def test_results_are_published_to_s3(pipeline_run):
     assert {"e2e/results/models/fold0.pt", "e2e/results/models/fold1.pt"} <= keys
     assert any(k.startswith("e2e/results/pictures/") for k in keys)
     assert any(k.startswith("mlflow/") for k in list_keys(cfg, "mlflow/"))  # MLflow artifacts in the bucket
+    ckpt = set(list_keys(cfg, "e2e/checkpoints/"))  # each fold's resume point outlives the run
+    for fold in (0, 1):
+        pattern = rf"e2e/checkpoints/fold{fold}-[0-9a-f]{{16}}/last\.pt"
+        assert any(re.fullmatch(pattern, k) for k in ckpt), ckpt
 
 
 def test_boxes_and_score(pipeline_run):

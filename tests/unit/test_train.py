@@ -183,3 +183,49 @@ def test_single_class_validation_selects_on_loss(manifest: Path, tmp_path: Path)
         path, 1, tmp_path / "out", dataclasses.replace(TINY, epochs=1, patches_per_epoch=16), CPU
     )
     assert np.isnan(result.best_val_auroc) and result.best_epoch == 0
+
+
+def test_fold_resumes_on_a_new_machine_from_its_checkpoint_folder(
+    trained: tuple[Path, FoldResult], manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a new pod sees: an empty model folder, the checkpoints copied where the run points
+    (``checkpoint_uri``; a folder here, an ``s3://`` prefix in the end-to-end test)."""
+    from digilut.steps import checkpoint_location, publish_results, train_step
+    from digilut.tracking import TrackingConfig
+
+    out, straight = trained
+    ckpt = tmp_path / "checkpoints"
+    where = checkpoint_location(str(ckpt), manifest, 0, TINY)
+    assert where.startswith(f"{ckpt}/fold0-")
+    assert checkpoint_location(str(ckpt), manifest, 1, TINY).startswith(f"{ckpt}/fold1-")
+    assert checkpoint_location(str(ckpt), manifest, 0, dataclasses.replace(TINY, lr=2e-3)) != where
+    first = train_fold(
+        manifest, 0, tmp_path / "pod1", TINY, CPU, max_epochs_this_run=1,
+        on_checkpoint=lambda folder: publish_results(folder, where),
+    )  # fmt: skip
+    assert not first.finished and (Path(where) / "last.pt").is_file()
+
+    caplog.set_level(logging.INFO)
+    pod2 = tmp_path / "pod2"
+    resumed = train_step(
+        manifest.parent, manifest.parent, 0, pod2, TINY, TrackingConfig(), checkpoint_uri=str(ckpt)
+    )
+    assert "checkpoint restored" in caplog.text and "resuming at epoch 1" in caplog.text
+    assert resumed.finished and [h["val_loss"] for h in resumed.history] == [
+        h["val_loss"] for h in straight.history
+    ]
+    a = load_model(out / "model.pt", CPU).model.state_dict()
+    b = load_model(pod2 / "model.pt", CPU).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    caplog.clear()
+    again = train_step(
+        manifest.parent,
+        manifest.parent,
+        0,
+        tmp_path / "pod3",
+        TINY,
+        TrackingConfig(),
+        checkpoint_uri=str(ckpt),
+    )
+    assert "already trained" in caplog.text and again.model_sha256 == resumed.model_sha256
