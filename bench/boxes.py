@@ -175,6 +175,81 @@ def evaluate(patches: pd.DataFrame, truth: pd.DataFrame, cfg: BoxesConfig) -> di
     }
 
 
+def miss_reasons(patches: pd.DataFrame, truth: pd.DataFrame, pred: pd.DataFrame) -> pd.DataFrame:
+    """Why each truth box was not hit (GIoU > 0.5, one-to-one): one row per missed box.
+
+    ``patches``: ``slide,x0,y0,w0,h0,prob`` (the heatmap's input); ``pred``/``truth``:
+    ``filename,x1,x2,y1,y2``. ``reason``, the first that applies:
+
+    * ``no patch`` — no patch covers the box (no tissue there);
+    * ``no positive patch`` — no patch with prob ≥ 0.5 touches it;
+    * ``merged`` — the prediction overlapping it most also overlaps another truth box;
+    * ``not chosen`` — no prediction overlaps it (lost to the ranking or absorbed elsewhere);
+    * ``taken`` — its best prediction (GIoU > 0.5) went to another truth box in the matching;
+    * ``too large`` / ``too small`` — the best prediction's area is > 1.5× / < 1/1.5× the box's;
+    * ``offset`` — about the right size, in the wrong place (edges off).
+
+    Also: ``side_px`` (√area), ``gap_px`` (Chebyshev gap to the nearest other truth box of the
+    slide), ``best_giou``, ``area_ratio`` (best prediction / truth).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    from digilut.score import GIOU_THRESHOLD, giou_matrix
+
+    rows = []
+    cols = ["x1", "x2", "y1", "y2"]
+    for slide, t in truth.groupby("filename", sort=True):
+        tb = t[cols].to_numpy(np.float64)
+        pb = pred.loc[pred["filename"] == slide, cols].to_numpy(np.float64)
+        pp = patches[patches["slide"] == slide]
+        g = giou_matrix(pb, tb) if len(pb) else np.zeros((0, len(tb)))
+        hit = g > GIOU_THRESHOLD
+        matched = set()
+        if len(pb):
+            r, c = linear_sum_assignment(hit.astype(float), maximize=True)
+            matched = {int(j) for i, j in zip(r, c, strict=True) if hit[i, j]}
+        px1, py1 = pp["x0"].to_numpy(), pp["y0"].to_numpy()
+        px2, py2 = px1 + pp["w0"].to_numpy(), py1 + pp["h0"].to_numpy()
+        for j, b in enumerate(tb):
+            if j in matched:
+                continue
+            others = [_gap(tuple(b), tuple(o)) for k, o in enumerate(tb) if k != j]
+            touch = (px1 < b[1]) & (px2 > b[0]) & (py1 < b[3]) & (py2 > b[2])
+            area = (b[1] - b[0]) * (b[3] - b[2])
+            best, ratio, reason = -1.0, float("nan"), ""
+            if len(pb):
+                i = int(np.argmax(g[:, j]))
+                best = float(g[i, j])
+                ratio = float((pb[i, 1] - pb[i, 0]) * (pb[i, 3] - pb[i, 2]) / area)
+                iw = np.clip(np.minimum(pb[:, 1:2], tb[:, 1]) - np.maximum(pb[:, 0:1], tb[:, 0]), 0, None)
+                ih = np.clip(np.minimum(pb[:, 3:4], tb[:, 3]) - np.maximum(pb[:, 2:3], tb[:, 2]), 0, None)
+                inter = iw * ih
+                k = int(np.argmax(inter[:, j]))
+            if not touch.any():
+                reason = "no patch"
+            elif not (pp["prob"].to_numpy()[touch] >= 0.5).any():
+                reason = "no positive patch"
+            elif not len(pb) or inter[k, j] <= 0:
+                reason = "not chosen"
+            elif (inter[k] > 0).sum() > 1:
+                reason = "merged"
+            elif best > GIOU_THRESHOLD:
+                reason = "taken"
+            elif ratio > 1.5:
+                reason = "too large"
+            elif ratio < 1 / 1.5:
+                reason = "too small"
+            else:
+                reason = "offset"
+            rows.append(
+                (slide, *b.astype(int), np.sqrt(area), min(others, default=np.inf), best, ratio, reason)
+            )
+    return pd.DataFrame(
+        rows,
+        columns=["filename", *cols, "side_px", "gap_px", "best_giou", "area_ratio", "reason"],
+    )
+
+
 METHODS = {
     "hysteresis+fit": BoxesConfig(),
     "hysteresis grid": BoxesConfig(fit="grid"),

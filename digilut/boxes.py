@@ -23,10 +23,16 @@ Methods (:class:`BoxesConfig` ``method``):
 Every method then drops candidates smaller than ``min_area_px2``, ranks them by probability mass
 (sum of the cell probabilities they cover) and keeps the best N. With ``fit="model"`` (default)
 their edges are then moved to the box whose labels, by the labeller's rule, best explain the patch
-probabilities (:mod:`digilut.boxfit`, sub-cell edges), ignoring the patches of other components.
-``margin_px`` is added to every side (negative shrinks). When there are fewer than N, the
-rest are filled with ``fill_side_px`` squares centred on the next-best heatmap peaks outside the
-chosen boxes (then on the best remaining tissue cells) — never with ``(0,0,0,0)``.
+probabilities (:mod:`digilut.boxfit`, sub-cell edges), ignoring the patches of other components;
+a box up to ``hit_max_side_px`` (√area) then moves to the box most likely to hit the lesion among
+those that explain its patches about as well (:func:`~digilut.boxfit.likeliest_hit`: a small
+lesion's patches fit many boxes). ``margin_px`` is added to every side (negative shrinks).
+When there are fewer than N (hysteresis, model fit), spare boxes first go to the two halves of
+chosen boxes whose best straight cut in two explains at least ``alt_min_gain`` more patches
+(:func:`best_cut`: two touching lesions that made one component, with no dip to split at; the
+whole box stays, so a single lesion is still hit). The rest are filled with ``fill_side_px``
+squares centred on the next-best heatmap peaks outside the chosen boxes (then on the best
+remaining tissue cells) — never with ``(0,0,0,0)``.
 """
 
 from __future__ import annotations
@@ -41,10 +47,10 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from digilut.boxfit import patch_window, refine_box
+from digilut.boxfit import likeliest_hit, patch_window, refine_box, refine_boxes
 from digilut.errors import ConfigError
 from digilut.heatmap import Heatmap, build_heatmaps
-from digilut.score import score_slides
+from digilut.score import giou_matrix, score_slides
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,7 @@ BOX_COLUMNS = ("filename", "x1", "x2", "y1", "y2", "score", "rank", "source")
 # Median real DigiLut box side (√area, level-0 px, 927 training boxes): the size of a fill box.
 MEDIAN_LESION_SIDE_PX = 943
 _EIGHT = np.ones((3, 3), dtype=bool)
+CUTS_REFINED = 64  # best_cut: the best cuts by profile fit that are refined against the patches
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,8 @@ class BoxesConfig:
     split_min_area_px2: float = 1.0e6  # hysteresis: only components larger than this are split
     split_saddle_ratio: float = 0.85  # hysteresis: peaks are separate below this dip; 0 never splits
     split_min_gain: float = 8.0  # hysteresis + model fit: a split must explain this many more patches
+    alt_min_gain: float = 1.0  # hysteresis + model fit: spare boxes split a chosen box when that gains this
+    hit_max_side_px: float = 1500.0  # model fit: boxes up to this √area move to their likeliest hit; 0: off
     fill_side_px: int = MEDIAN_LESION_SIDE_PX  # side of the boxes filling up to N
     dbscan_eps_cells: float = 1.5  # dbscan: neighbourhood radius in grid steps (1.5 = 8 neighbours)
     dbscan_min_samples: int = 2  # dbscan: core points need this many patches within eps (self included)
@@ -100,6 +109,10 @@ class BoxesConfig:
             raise ConfigError(f"profile_fraction={self.profile_fraction} must be in [0, 1]; 0 = cell extent")
         if not 0.0 <= self.split_saddle_ratio < 1.0:
             raise ConfigError(f"split_saddle_ratio={self.split_saddle_ratio} must be in [0, 1); 0 disables")
+        if self.hit_max_side_px < 0:
+            raise ConfigError(f"hit_max_side_px={self.hit_max_side_px} must be ≥ 0 level-0 px (0 = off)")
+        if self.alt_min_gain < 0:
+            raise ConfigError(f"alt_min_gain={self.alt_min_gain} must be ≥ 0 patches")
         if self.split_min_gain < 0 or self.fit_miss_weight <= 0:
             raise ConfigError(
                 f"split_min_gain={self.split_min_gain} must be ≥ 0 and "
@@ -217,10 +230,18 @@ def touching_patches(hm: Heatmap, cells: np.ndarray) -> np.ndarray:
 
 
 def _refined(
-    hm: Heatmap, box: tuple[float, float, float, float], explained: np.ndarray | None, cfg: BoxesConfig
+    hm: Heatmap,
+    box: tuple[float, float, float, float],
+    explained: np.ndarray | None,
+    cfg: BoxesConfig,
+    *,
+    hit: bool = False,
 ) -> tuple[float, float, float, float]:
     win = patch_window(hm, box, cfg.label_min_overlap, miss_weight=cfg.fit_miss_weight, explained=explained)
-    return refine_box(win, box)
+    box = refine_box(win, box)
+    if hit and (box[1] - box[0]) * (box[3] - box[2]) <= cfg.hit_max_side_px**2:
+        box = likeliest_hit(win, box)
+    return box
 
 
 def _split_pays(
@@ -325,6 +346,92 @@ def _fuse_candidates(hm: Heatmap, cfg: BoxesConfig) -> list[_Candidate]:
     return out
 
 
+def _shifted(mask: np.ndarray, sl: tuple[slice, slice]) -> tuple[slice, slice]:
+    """The bounding slices of ``mask`` (local to ``sl``) in the full image."""
+    local = ndimage.find_objects(mask.astype(np.int32))[0]
+    return (
+        slice(local[0].start + sl[0].start, local[0].stop + sl[0].start),
+        slice(local[1].start + sl[1].start, local[1].stop + sl[1].start),
+    )
+
+
+def best_cut(
+    hm: Heatmap, parts: np.ndarray, label: int, box: tuple[float, float, float, float], cfg: BoxesConfig
+) -> tuple[float, list[tuple[float, float, float, float]]]:
+    """The two boxes that best explain part ``label`` of ``parts`` when it is cut in two by a
+    straight row or column line, and how many patches (loss) they explain better than ``box``.
+
+    Every cut between two rows or columns of the part is tried with profile-fitted boxes on either
+    side; the three best by loss are refined against the patches (:mod:`digilut.boxfit`), each box
+    with the other's patches marked explained. Returns ``(gain, [box_a, box_b])``; ``(0, [])`` when
+    the part is a single cell wide and tall.
+    """
+    sl = ndimage.find_objects((parts == label).astype(np.int32))[0]
+    mask = parts[sl] == label
+    rows, cols = mask.shape
+    if rows < 2 and cols < 2:
+        return 0.0, []
+    others = (parts != 0) & (parts != label)
+    explained = touching_patches(hm, others)
+    win = patch_window(hm, box, cfg.label_min_overlap, miss_weight=cfg.fit_miss_weight, explained=explained)
+    single = win.loss([box])
+    rr, cc = np.mgrid[0:rows, 0:cols]
+    background = np.where(others, -1, 0).astype(np.int32)
+    trials = []
+    for axis, n in ((0, rows), (1, cols)):
+        for cut in range(1, n):
+            side = (rr if axis == 0 else cc) >= cut
+            a, b = mask & ~side, mask & side
+            if not a.any() or not b.any():
+                continue
+            sub = background.copy()
+            sub[sl] = np.where(a, 1, np.where(b, 2, sub[sl]))
+            pair = [fit_box(hm, sub, k, cfg.profile_fraction, _shifted(h, sl)) for k, h in ((1, a), (2, b))]
+            trials.append((win.loss(pair), sub, pair))
+    if not trials:
+        return 0.0, []
+    trials.sort(key=lambda t: t[0])
+    best_loss, best_pair = np.inf, []
+    for _, _sub, pair in trials[:CUTS_REFINED]:
+        refined = refine_boxes(win, pair)
+        loss = win.loss(refined)
+        if loss < best_loss:
+            best_loss, best_pair = loss, refined
+    return float(single - best_loss), best_pair
+
+
+def _giou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    return float(giou_matrix(np.array([a]), np.array([b]))[0, 0])
+
+
+def _alternatives(
+    hm: Heatmap, parts: np.ndarray, chosen: list[_Candidate], k: int, cfg: BoxesConfig
+) -> list[_Candidate]:
+    """Up to ``k`` spare boxes: the halves of chosen boxes whose best cut in two (:func:`best_cut`)
+    explains at least ``alt_min_gain`` more patches — two touching lesions that made one box. The
+    whole box stays: if it was one lesion it still hits, if it was two the halves may."""
+    alts = []
+    for c in chosen:
+        if c.part <= 0:
+            continue
+        gain, pair = best_cut(hm, parts, c.part, c.box, cfg)
+        log.debug("%s: part %d box %s: best cut gains %.2f patches", hm.slide, c.part, c.box, gain)
+        if pair and gain >= cfg.alt_min_gain:
+            alts.append((gain, c, pair))
+    alts.sort(key=lambda a: -a[0])
+    out: list[_Candidate] = []
+    for gain, c, pair in alts:
+        # With one spare box left, the half least like the whole box: the whole box may still hit
+        # the larger lesion, the other half then finds the smaller one.
+        pair = sorted(pair, key=lambda b: _giou(b, c.box))
+        for b in pair[: k - len(out)]:
+            out.append(_Candidate(b, _mass(hm, b), "alternative", c.part))
+        log.debug("%s: box of part %d cut in two, gain %.1f patches", hm.slide, c.part, gain)
+        if len(out) == k:
+            break
+    return out
+
+
 # --- N boxes ---------------------------------------------------------------------------------
 
 
@@ -400,10 +507,13 @@ def heatmap_to_boxes(hm: Heatmap, n: int | None, cfg: BoxesConfig | None = None)
                     c.box,
                     None if parts is None else touching_patches(hm, (parts != 0) & (parts != c.part)),
                     cfg,
+                    hit=True,
                 ),
             )
             for c in cands
         ]
+    if n is not None and len(cands) < n and parts is not None and cfg.fit == "model":
+        cands += _alternatives(hm, parts, cands, n - len(cands), cfg)
     m = cfg.margin_px
     cands = [replace(c, box=(c.box[0] - m, c.box[1] + m, c.box[2] - m, c.box[3] + m)) for c in cands]
     if n is not None and len(cands) < n:

@@ -18,7 +18,7 @@ inside one (classifiers lose lesion patches more often than they invent them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -138,3 +138,69 @@ def refine_box(win: PatchWindow, box: Box, rounds: int = 6) -> Box:
         if cur == before:
             break
     return (cur[0], cur[1], cur[2], cur[3])
+
+
+def refine_boxes(
+    win: PatchWindow, boxes: list[Box], rounds: int = 3, overlap_cost: float = 0.01
+) -> list[Box]:
+    """Refine several boxes together: each in turn by :func:`refine_box`, the patches the others
+    label positive held fixed (their loss does not depend on it) except for ``overlap_cost`` per
+    patch it covers too, so a box does not drift over its neighbour's patches for free."""
+    cur = list(boxes)
+    for _ in range(rounds):
+        before = list(cur)
+        for i in range(len(cur)):
+            fixed = win.labels([b for j, b in enumerate(cur) if j != i])
+            own = replace(
+                win, q=np.where(fixed, 1.0 - overlap_cost, win.q), miss=np.where(fixed, 0.0, win.miss)
+            )
+            cur[i] = refine_box(own, cur[i])
+        if cur == before:
+            break
+    return cur
+
+
+def likeliest_hit(
+    win: PatchWindow,
+    box: Box,
+    *,
+    samples: int = 3000,
+    span_cells: float = 1.0,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> Box:
+    """The box most likely to hit (GIoU > 0.5) the lesion behind the patches, near ``box``.
+
+    A small lesion's patches often fit many boxes equally well (the labeller's rule trades width
+    for height), and :func:`refine_box`'s edge-by-edge middle is then not the middle of that set.
+    So ``samples`` boxes with every edge moved by up to ``span_cells`` cells are weighted by
+    ``exp(-(loss - best) / temperature)``, and the one whose weighted share of the others it would
+    hit is largest is returned (``box`` itself is a candidate). The same offsets are drawn for
+    every box (``seed``), so a shifted heatmap gives the shifted box.
+    """
+    if win.q.size == 0 or not win.weight.any():
+        return box
+    rng = np.random.default_rng(seed)
+    span = span_cells * win.stride_px
+    cand = np.asarray(box, np.float64)[None, :] + rng.uniform(-span, span, (samples, 4))
+    cand = np.vstack([np.asarray(box, np.float64)[None, :], cand])
+    cand = cand[(cand[:, 1] - cand[:, 0] >= 16) & (cand[:, 3] - cand[:, 2] >= 16)]
+    ox = np.clip(np.minimum(cand[:, 1:2], win.px + win.pw) - np.maximum(cand[:, 0:1], win.px), 0, None)
+    oy = np.clip(np.minimum(cand[:, 3:4], win.py + win.ph) - np.maximum(cand[:, 2:3], win.py), 0, None)
+    lab = oy[:, :, None] * ox[:, None, :] >= win.need
+    loss = win.cost(lab).sum(axis=(1, 2))
+    w = np.exp(-(loss - loss.min()) / temperature)
+    keep = np.argsort(-w, kind="stable")[:1500]
+    keep = keep[w[keep] > 1e-3]
+    c, w = cand[keep], w[keep]
+    area = (c[:, 1] - c[:, 0]) * (c[:, 3] - c[:, 2])
+    iw = np.clip(np.minimum(c[:, None, 1], c[None, :, 1]) - np.maximum(c[:, None, 0], c[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(c[:, None, 3], c[None, :, 3]) - np.maximum(c[:, None, 2], c[None, :, 2]), 0, None)
+    inter = iw * ih
+    union = area[:, None] + area[None, :] - inter
+    hull = (np.maximum(c[:, None, 1], c[None, :, 1]) - np.minimum(c[:, None, 0], c[None, :, 0])) * (
+        np.maximum(c[:, None, 3], c[None, :, 3]) - np.minimum(c[:, None, 2], c[None, :, 2])
+    )
+    giou = inter / union - (hull - union) / hull
+    best = int(np.argmax((giou > 0.5) @ w))
+    return (float(c[best, 0]), float(c[best, 1]), float(c[best, 2]), float(c[best, 3]))
