@@ -1,10 +1,11 @@
-"""Run the Kubeflow training pipeline on this machine through ``kfp.local``.
+"""Run the Kubeflow pipelines on this machine through ``kfp.local``.
 
 The same compiled components that run in pods run here as subprocesses
-(``kfp.local.SubprocessRunner``). ``run_local`` runs the pipeline in a child process whose full
-output goes to ``OUT/pipeline.log`` while a progress line per step reaches the console; then it
+(``kfp.local.SubprocessRunner``), in a child process whose full output goes to
+``OUT/pipeline.log`` while a progress line per step reaches the console. ``run_local`` (training)
 collects the results into ``OUT``: ``boxes.csv`` (``filename,x1,x2,y1,y2,score``),
-``metrics.json``, ``report.html`` and the pictures.
+``metrics.json``, ``report.html`` and the pictures; ``run_inference_local`` writes
+``OUT/submission.csv`` (``trustii_id,filename,y1,y2,x1,x2``) and ``OUT/boxes.csv``.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ class RunResult:
 
 
 def _child(args: dict[str, Any]) -> None:
-    """In the child process: run the pipeline with kfp.local."""
+    """In the child process: run pipeline ``args["pipeline"]`` with kfp.local."""
     from kfp import local
 
-    from pipelines.training import training
+    from digilut.kubeflow import pipeline_functions
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -62,7 +63,7 @@ def _child(args: dict[str, Any]) -> None:
         pipeline_root=args.pop("pipeline_root"),
         raise_on_error=True,
     )
-    training(**args)
+    pipeline_functions()[args.pop("pipeline")](**args)
 
 
 def run_local(
@@ -86,11 +87,67 @@ def run_local(
         shutil.rmtree(results)
     params = profile_params(profile, **overrides)
     args = {
-        "data_uri": data_uri if data_uri.startswith("s3://") else str(Path(data_uri).resolve()),
+        "data_uri": _local_or_s3(data_uri),
         "results_uri": results_uri or str(results),
         "pipeline_root": str(out / "kfp-root"),
         **params,
     }
+    seconds = _run_child({"pipeline": "training", **args}, out, echo)
+    _collect(results_uri, results, out, ("boxes.csv", "metrics.json", "report.html", "report.md"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    return RunResult(out, out / "boxes.csv", out / "metrics.json", out / "report.html", seconds, metrics)
+
+
+def run_inference_local(
+    data_uri: str,
+    model_uri: str,
+    out_dir: str | Path,
+    *,
+    results_uri: str | None = None,
+    echo: bool = True,
+    **params: Any,
+) -> Path:
+    """Run the inference pipeline on ``data_uri`` (folder or ``s3://`` prefix with ``images/`` and
+    ``test.csv``) with the ensemble at ``model_uri`` (folder, ``s3://`` prefix or
+    ``models:/<name>/<version>``); return ``OUT/submission.csv`` (``OUT/boxes.csv`` beside it)."""
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results"
+    if results.exists():
+        shutil.rmtree(results)
+    args = {
+        "pipeline": "inference",
+        "data_uri": _local_or_s3(data_uri),
+        "model_uri": model_uri if ":" in model_uri else str(Path(model_uri).resolve()),
+        "results_uri": results_uri or str(results),
+        "pipeline_root": str(out / "kfp-root"),
+        **params,
+    }
+    _run_child(args, out, echo)
+    _collect(results_uri, results, out, ("submission.csv", "boxes.csv"))
+    return out / "submission.csv"
+
+
+def _local_or_s3(uri: str) -> str:
+    return uri if uri.startswith("s3://") else str(Path(uri).resolve())
+
+
+def _collect(results_uri: str | None, results: Path, out: Path, names: tuple[str, ...]) -> None:
+    """Bring the published results into ``results`` (from S3) and copy ``names`` into ``out``."""
+    if results_uri and results_uri.startswith("s3://"):
+        from digilut.ingest import s3_target
+        from digilut.storage import download_prefix
+
+        cfg, prefix = s3_target(results_uri)
+        download_prefix(cfg, prefix, results)
+    for name in names:
+        if (results / name).is_file():
+            shutil.copy2(results / name, out / name)
+
+
+def _run_child(args: dict[str, Any], out: Path, echo: bool) -> float:
+    """Run the pipeline in a child process (its own process group); its seconds. Raises
+    :class:`PipelineRunError` naming the failed steps and the log."""
     log_path = out / "pipeline.log"
     t0 = time.perf_counter()
     cmd = [
@@ -120,19 +177,7 @@ def run_local(
             f"pipeline failed{' at step ' + ', '.join(failed) if failed else ''} (exit {rc}); "
             f"full log: {log_path}\n{tail}"
         )
-    if results_uri and results_uri.startswith("s3://"):
-        from digilut.ingest import s3_target
-        from digilut.storage import download_prefix
-
-        cfg, prefix = s3_target(results_uri)
-        download_prefix(cfg, prefix, results)
-    for name in ("boxes.csv", "metrics.json", "report.html", "report.md"):
-        if (results / name).is_file():
-            shutil.copy2(results / name, out / name)
-    metrics = json.loads((out / "metrics.json").read_text())
-    return RunResult(
-        out, out / "boxes.csv", out / "metrics.json", out / "report.html", time.perf_counter() - t0, metrics
-    )
+    return time.perf_counter() - t0
 
 
 def _follow(

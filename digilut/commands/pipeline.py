@@ -31,9 +31,11 @@ def _params(values: list[str]) -> dict[str, object]:
 
 
 def run(
-    data: str = typer.Argument(..., help="DATA folder (images/*.tif + train.csv) or s3://bucket/prefix."),
+    data: str = typer.Argument(
+        ..., help="DATA folder (images/*.tif + train.csv, or test.csv with --models) or s3://bucket/prefix."
+    ),
     out: Path = typer.Argument(
-        ..., help="Output folder: boxes.csv, metrics.json, report.html, pipeline.log."
+        ..., help="Output folder: boxes.csv, metrics.json, report.html (submission.csv), pipeline.log."
     ),
     profile: str = typer.Option(
         "demo", help="Parameter set: demo (2 CPU cores), tiny (tests), full (GPU cluster)."
@@ -44,11 +46,21 @@ def run(
     results_uri: str | None = typer.Option(
         None, help="Publish results here too (folder or s3://); default OUT/results."
     ),
+    models: str | None = typer.Option(
+        None,
+        help="Run the inference pipeline with this ensemble instead of training: a folder or s3:// "
+        "prefix of model files (a training run's results/models) or models:/<name>/<version>.",
+    ),
 ) -> None:
-    """Run the Kubeflow training pipeline here through kfp.local (the components a cluster runs)."""
-    from digilut.runner import run_local
+    """Run a Kubeflow pipeline here through kfp.local (the components a cluster runs): training, or
+    inference with --models (DATA/test.csv lists the slides and N boxes each)."""
+    from digilut.runner import run_inference_local, run_local
 
     try:
+        if models:
+            sub = run_inference_local(data, models, out, results_uri=results_uri, **_params(param))
+            typer.echo(f"submission: {sub}\nboxes:      {sub.parent / 'boxes.csv'}")
+            return
         r = run_local(data, out, profile=profile, results_uri=results_uri, **_params(param))
     except DigilutError as err:
         typer.echo(f"error: {err}", err=True)

@@ -121,3 +121,50 @@ def test_no_secret_value_in_the_run_logs_or_outputs(pipeline_run):
             for secret in secrets:
                 assert secret.encode() not in data, f"{path}: holds an S3 key"
     assert scanned > 20
+
+
+def test_inference_pipeline_writes_a_submission_with_the_registered_ensemble(
+    pipeline_run, mlflow_server, tmp_path
+):
+    """New slides in S3 (images/ + test.csv) + the ensemble the training run registered in MLflow →
+    the inference pipeline through kfp.local → N boxes per slide in the challenge format."""
+    from digilut.runner import run_inference_local
+    from digilut.slide import read_slide_info
+    from digilut.storage import upload_file
+
+    _, cfg, data = pipeline_run
+    slides = sorted(p for p in (data / "images").iterdir() if p.name != "broken_a.tif")[:2]
+    wanted = {slides[0].name: 2, slides[1].name: 1}
+    rows, tid = [], 100
+    for name, n in wanted.items():
+        info = read_slide_info(data / "images" / name)
+        for _ in range(n):
+            rows.append((name, info.width, info.height, tid))
+            tid += 1
+    test_csv = tmp_path / "test.csv"
+    pd.DataFrame(rows, columns=["filename", "max_x", "max_y", "trustii_id"]).to_csv(test_csv, index=False)
+    for path in slides:
+        upload_file(cfg, path, f"e2e/new/images/{path.name}")
+    upload_file(cfg, test_csv, "e2e/new/test.csv")
+
+    mp = pytest.MonkeyPatch()
+    for k, v in {**cfg.to_env(), "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri}.items():
+        mp.setenv(k, v)
+    try:
+        sub_path = run_inference_local(
+            f"s3://{cfg.bucket}/e2e/new",
+            "models:/digilut-e2e-ensemble/1",
+            tmp_path / "out",
+            results_uri=f"s3://{cfg.bucket}/e2e/new-results",
+            echo=False,
+            stride_px=256,
+            predict_batch_size=64,
+        )
+    finally:
+        mp.undo()
+    sub = pd.read_csv(sub_path)
+    assert list(sub.columns) == ["trustii_id", "filename", "y1", "y2", "x1", "x2"]
+    assert sorted(sub.trustii_id) == [100, 101, 102]
+    assert sub.groupby("filename").size().to_dict() == wanted
+    assert (sub.x1 < sub.x2).all() and (sub.y1 < sub.y2).all()
+    assert "e2e/new-results/submission.csv" in set(list_keys(cfg, "e2e/new-results/"))
