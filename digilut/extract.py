@@ -46,7 +46,7 @@ from digilut.annotations import (
 from digilut.errors import ConfigError, DigilutError, SlideReadError, TissueNotFoundError
 from digilut.labels import LabelConfig, label_patches
 from digilut.manifest import EXTRACT_COLUMNS, MANIFEST_NAME, conform, write_manifest
-from digilut.shards import atomic_write, write_shard
+from digilut.shards import atomic_write, file_sha256, write_shard
 from digilut.slide import CACHE_BYTES, LevelReader, SlideInfo, choose_level, read_slide_info
 from digilut.tissue import fast_tissue_mask, threshold_tissue_mask
 
@@ -336,7 +336,7 @@ def extract_slide(
     png = io.BytesIO()
     Image.fromarray(thumb).save(png, format="PNG")
     atomic_write(out_dir / "thumbnails" / f"{stem}.png", [png.getvalue()])  # a full disk names the file
-    result.shard_sha256 = _sha256(out_dir / shard_rel)
+    result.shard_sha256 = file_sha256(out_dir / shard_rel)
     result.seconds = time.perf_counter() - t0
     log.info(
         "%s: %d patches (%d tissue cells, level %d, %.3g× resize) in %.1fs = %.0f patches/s",
@@ -349,14 +349,6 @@ def extract_slide(
         len(kept) / max(result.seconds, 1e-9),
     )
     return result
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _extract_safely(slide_path: str, out_dir: str, cfg: ExtractConfig, threads: int = 1) -> SlidePatches:
@@ -416,7 +408,7 @@ def _reusable(prev: SlidePatches | None, out_dir: Path, cfg: ExtractConfig) -> b
         return False
     stem = _stem(prev.slide)
     shard, part = out_dir / "shards" / f"{stem}.shard", out_dir / "parts" / f"{stem}.parquet"
-    return shard.is_file() and part.is_file() and _sha256(shard) == prev.shard_sha256
+    return shard.is_file() and part.is_file() and file_sha256(shard) == prev.shard_sha256
 
 
 def extract_slides(

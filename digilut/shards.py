@@ -13,6 +13,7 @@ renamed, so a crash or a full disk never leaves a truncated shard at the final p
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import struct
@@ -181,3 +182,12 @@ def iter_shard(path: str | Path) -> Iterator[bytes]:
         for off, n in zip(idx.offset, idx.nbytes, strict=True):
             fh.seek(int(off))
             yield fh.read(int(n))
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's content, read in 1 MiB chunks (what "reused by content hash" compares)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -45,7 +45,7 @@ from digilut.errors import ConfigError, DigilutError, TrainingInterrupted
 from digilut.manifest import read_manifest, write_manifest
 from digilut.model import build_model, save_model
 from digilut.predict import amp_dtype, safe_auroc
-from digilut.shards import atomic_write
+from digilut.shards import atomic_write, file_sha256
 from digilut.tracking import RunHandle, Tracker, TrackingConfig
 from digilut.train_config import TrainConfig
 
@@ -199,14 +199,6 @@ def fold_data_digest(data: FoldData) -> str:
         cols = [c for c in _DATA_COLUMNS if c in part.columns]
         h.update(pd.util.hash_pandas_object(part[cols], index=False).to_numpy().tobytes())
         h.update(b"|")
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 

@@ -4,7 +4,6 @@ and an outage — metrics logged while the server is down arrive once it is up, 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,7 @@ from digilut.model import ModelSpec, build_model, load_model, save_model
 from digilut.services import MlflowServer, S3Server, free_ports, start_mlflow
 from digilut.tracking import PARENT_TAG, Tracker, TrackingConfig
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _client(uri: str):  # MlflowClient, imported lazily

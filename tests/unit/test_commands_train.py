@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from patch_fixtures import make_patch_manifest
 from typer.testing import CliRunner
 
@@ -17,16 +15,11 @@ from digilut.cli import app
 from digilut.manifest import read_manifest
 from digilut.train_config import TrainConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU models: one thread is faster
+
+
 TINY = ["--input-px", "64", "--epochs", "1", "--batch-size", "16", "--num-workers", "0", "--weights", "none",
         "--hidden-units", "16", "--lr", "0.001"]  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _truth_csv(manifest: Path, out: Path) -> Path:

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,8 @@ from digilut.model import load_model
 from digilut.synth import SynthConfig, plan_slide, write_slide
 from digilut.tracking import Tracker, TrackingConfig
 from digilut.train import FoldResult, TrainConfig, train_fold
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU models: one thread is faster
 
 CPU = torch.device("cpu")
 CFG = TrainConfig(
@@ -49,14 +50,6 @@ CLI_OPTIONS = [
     "--patches-per-epoch=320",
 ]
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # as the in-process baseline
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
