@@ -67,11 +67,18 @@ def run_demo(
         )
     with start_s3(work / "s3", bucket=BUCKET, keep=keep) as s3:
         cfg = s3.config()
+        env_file = None
+        if keep:  # recorded at once: `services down` stops them even if what follows fails
+            env_file = write_env_file(work / "s3.env", cfg)
+            save_state(state_file, [s3])
         _say(echo, f"S3 (SeaweedFS) at {cfg.endpoint_url}, bucket {BUCKET} (credentials required)")
         upload_dir(cfg, data, DATA_PREFIX)
         data_uri = f"s3://{BUCKET}/{DATA_PREFIX}"
         _say(echo, f"dataset uploaded to {data_uri}")
         with start_mlflow(work / "mlflow", cfg, keep=keep) as mlflow:
+            if keep:
+                env_file = write_env_file(work / "s3.env", cfg, mlflow.tracking_uri)
+                save_state(state_file, [s3, mlflow])
             _say(echo, f"MLflow tracking server at {mlflow.tracking_uri} (artifacts in s3://{BUCKET}/mlflow)")
             results_uri = f"s3://{BUCKET}/runs/{time.strftime('%Y%m%d-%H%M%S')}"
             saved = dict(os.environ)
@@ -91,10 +98,6 @@ def run_demo(
                 os.environ.clear()
                 os.environ.update(saved)
             tb = f"{Path(sys.executable).parent / 'tensorboard'} --logdir {work / 'run' / 'kfp-root'}"
-            env_file = None
-            if keep:
-                env_file = write_env_file(work / "s3.env", cfg, mlflow.tracking_uri)
-                save_state(state_file, [s3, mlflow])
             return DemoResult(run, results_uri, mlflow.tracking_uri, str(cfg.endpoint_url), tb, env_file)
 
 

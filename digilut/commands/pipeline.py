@@ -91,6 +91,8 @@ def demo(
         d = run_demo(work, patients=patients, seed=seed, size=size, profile=profile, keep=keep)
     except DigilutError as err:
         typer.echo(f"error: {err}", err=True)
+        if keep and (work / "services.json").is_file():
+            typer.echo(f"servers left running (--keep); stop: digilut services down --dir {work}", err=True)
         raise typer.Exit(1) from err
     m = d.run.metrics
     lines = [
