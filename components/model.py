@@ -51,6 +51,7 @@ def train_fold(
     patches_per_epoch: int = 0,
     max_val_patches: int = 0,
     checkpoint_uri: str = "",
+    cpu_threads: int = 0,
 ):
     """Train one fold's ResNet on a GPU (CPU without one); the model folder holds OOF predictions."""
     import os
@@ -71,6 +72,7 @@ def train_fold(
         seed=seed,
         patches_per_epoch=patches_per_epoch,
         max_val_patches=max_val_patches,
+        cpu_threads=cpu_threads,
     )
     tracking = TrackingConfig(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""), experiment=experiment)
     parent_run_id = Path(tracking_run.path).read_text().strip()

@@ -23,6 +23,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "lr": 1e-3,
         "patches_per_epoch": 960,
         "max_val_patches": 1000,
+        "cpu_threads": 1,  # the two folds train side by side, one core each
         "predict_batch_size": 128,
     },
     "tiny": {
@@ -34,6 +35,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train_batch_size": 16,
         "predict_batch_size": 64,
         "stride_px": 256,
+        "cpu_threads": 1,
     },
 }
 

@@ -18,7 +18,7 @@ SAMPLERS = ("weighted", "shuffle", "sequential")
 LOSSES = ("bce", "focal")
 SCHEDULES = ("cosine", "plateau")
 # Fields that do not change what is learnt: a resumed run may differ in them.
-_RUNTIME_FIELDS = frozenset({"num_workers", "log_every_steps"})
+_RUNTIME_FIELDS = frozenset({"num_workers", "cpu_threads", "log_every_steps"})
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,7 @@ class TrainConfig:
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile on CUDA
     num_workers: int = 2
+    cpu_threads: int = 0  # on a CPU: torch intra-op threads (0 = torch's default, one per core)
     seed: int = 0
     log_every_steps: int = 20
 
@@ -122,6 +123,7 @@ class TrainConfig:
             "patches_per_epoch": self.patches_per_epoch >= 0,
             "max_val_patches": self.max_val_patches >= 0,
             "num_workers": 0 <= self.num_workers <= 64,
+            "cpu_threads": 0 <= self.cpu_threads <= 1024,
             "log_every_steps": self.log_every_steps >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]

@@ -110,6 +110,7 @@ def training(
     patches_per_epoch: int = _T.patches_per_epoch,
     max_val_patches: int = _T.max_val_patches,
     checkpoint_uri: str = "",
+    cpu_threads: int = _T.cpu_threads,
     predict_batch_size: int = _P.batch_size,
     boxes_method: str = _B.method,
     tune_boxes: bool = True,
@@ -168,6 +169,7 @@ def training(
             patches_per_epoch=patches_per_epoch,
             max_val_patches=max_val_patches,
             checkpoint_uri=checkpoint_uri,
+            cpu_threads=cpu_threads,
         )
         on_gpu(use_s3_and_tracking(tr)).set_caching_options(False)
     pr = predict(
