@@ -188,6 +188,14 @@ class Service:
             time.sleep(0.05)
 
     def _wait_ready(self, probe: Callable[[], bool], timeout_s: float, what: str) -> None:
+        try:
+            self._poll_ready(probe, timeout_s, what)
+        except BaseException:  # Ctrl-C/SIGTERM while starting: nobody holds this server yet
+            if self.running():
+                self.stop(5.0)
+            raise
+
+    def _poll_ready(self, probe: Callable[[], bool], timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         t0 = time.monotonic()
         while True:
