@@ -64,17 +64,6 @@ def straight(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     return out, train_fold(manifest, 0, out, CFG, CPU)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A local MLflow store (sqlite), created once."""
-    tmp = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    from mlflow import MlflowClient
-
-    MlflowClient(tracking_uri=uri).create_experiment("digilut", artifact_location=str(tmp / "artifacts"))
-    return uri
-
-
 def _cli_train(manifest: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
     """``digilut train`` in a child process (its own session, so a signal reaches only it)."""
     cmd = [

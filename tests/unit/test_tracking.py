@@ -18,6 +18,8 @@ from digilut.predict import Ensemble
 from digilut.tracking import PARENT_TAG, Tracker, TrackingConfig
 from digilut.train import TrainConfig, train_fold
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU models: one thread is faster
+
 CPU = torch.device("cpu")
 QUICK = TrainConfig(
     input_px=64,
@@ -29,25 +31,6 @@ QUICK = TrainConfig(
     patches_per_epoch=16,
     max_val_patches=16,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A local sqlite tracking store (created once: MLflow's schema migration takes seconds)."""
-    tmp = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    from mlflow import MlflowClient
-
-    MlflowClient(tracking_uri=uri).create_experiment("digilut", artifact_location=str(tmp / "artifacts"))
-    return uri
 
 
 @pytest.fixture(scope="module")
