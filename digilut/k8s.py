@@ -1,7 +1,9 @@
 """Names shared by the Kubernetes manifests (``manifests/``) and the pipeline that runs beside them.
 
 The pipeline reads these constants to schedule GPU steps and to mount the S3 credentials; the
-manifest tests check the manifests use the same names, so the two cannot drift apart.
+manifest tests check the manifests use the same names, so the two cannot drift apart. The checks those
+tests run live here too: the "restricted" pod profile, what a run needs in its namespace
+(``missing_references``) and who NetworkPolicies let in (``ingress_allowed``), all offline.
 """
 
 from __future__ import annotations
@@ -273,7 +275,7 @@ def missing_references(
         if obj is None:
             out.append(f"{ref}: no {ref.kind} {ref.name!r} in namespace {namespace}")
             continue
-        present = {*(obj.get("data") or {}), *(obj.get("stringData") or {})}
+        present = {*(obj.get("data") or {}), *(obj.get("stringData") or {}), *(obj.get("binaryData") or {})}
         if ref.keys - present:
             out.append(
                 f"{ref}: {ref.kind} {ref.name!r} in {namespace} lacks keys {sorted(ref.keys - present)}"
