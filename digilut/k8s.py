@@ -1,14 +1,19 @@
 """Names shared by the Kubernetes manifests (``manifests/``) and the pipeline that runs beside them.
 
 The pipeline reads these constants to schedule GPU steps and to mount the S3 credentials; the
-manifest tests check the manifests use the same names, so the two cannot drift apart.
+manifest tests check the manifests use the same names, so the two cannot drift apart. The checks those
+tests run live here too: the "restricted" pod profile, what a run needs in its namespace
+(``missing_references``) and who NetworkPolicies let in (``ingress_allowed``), all offline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
+
+import yaml
 
 # GPU nodes: the NVIDIA device plugin / GPU operator labels them and advertises the resource; the
 # cluster admin taints them so that only pods tolerating the taint land there.
@@ -24,8 +29,21 @@ GPU_TOLERATION: Final = MappingProxyType(
 RUN_AS_USER: Final = 10001
 RUN_AS_GROUP: Final = 10001
 
-# The ServiceAccount pipeline runs use (bound to the Role in manifests/base/rbac.yaml).
+# Where KFP runs a pipeline's pods, and so where kfp-launcher, the Secrets, the ConfigMaps and the
+# ServiceAccount they use must be: standalone (single-user) KFP runs them in its own namespace, multi-user
+# Kubeflow in the namespace of the user's Profile. manifests/overlays/dev is for standalone KFP,
+# manifests/overlays/prod for multi-user Kubeflow (manifests/profile makes the Profile).
+KFP_STANDALONE_NAMESPACE: Final = "kubeflow"
+PROFILE_NAMESPACE: Final = "digilut"
+# `digilut submit`'s default: the namespace the default (dev) overlay deploys into.
+DEFAULT_NAMESPACE: Final = KFP_STANDALONE_NAMESPACE
+
+# The ServiceAccount pipeline runs use (bound to the Role in manifests/base/rbac.yaml), and the servers'.
 PIPELINE_SERVICE_ACCOUNT: Final = "digilut-pipeline"
+SERVER_SERVICE_ACCOUNT: Final = "digilut-server"
+# The docker-registry Secret both ServiceAccounts list in imagePullSecrets when an overlay enables
+# manifests/components/private-registry.
+REGISTRY_SECRET_NAME: Final = "digilut-registry"
 
 # S3 credentials: one Secret whose keys are the environment variable names boto3 reads.
 S3_SECRET_NAME: Final = "digilut-s3-credentials"
@@ -96,6 +114,17 @@ def pod_spec_of(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return node if isinstance(node, Mapping) else None
 
 
+def pod_labels_of(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    """The labels of the pods a workload object makes (its pod template's), or a Pod's own."""
+    path = _POD_SPEC_PATHS.get(str(obj.get("kind")))
+    if path is None:
+        raise ValueError(f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}: not a workload with pods")
+    node: Any = obj
+    for key in path[:-1]:
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return ((node or {}).get("metadata") or {}).get("labels") or {}
+
+
 def pod_spec_violations(spec: Mapping[str, Any]) -> list[str]:
     """How a pod spec breaks the "restricted" Pod Security Standard, plus this project's own rules.
 
@@ -151,3 +180,192 @@ def pod_spec_violations(spec: Mapping[str, Any]) -> list[str]:
             if missing:
                 out.append(f"{name}: resources.{kind} lacks {', '.join(missing)}")
     return out
+
+
+# --- what a run needs in its namespace -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """A namespaced object something refers to by name (and the keys of its data it reads)."""
+
+    kind: str
+    name: str
+    keys: frozenset[str] = frozenset()
+    by: str = ""
+
+    def __str__(self) -> str:
+        keys = f" keys {sorted(self.keys)}" if self.keys else ""
+        return f"{self.kind}/{self.name}{keys} (used by {self.by})"
+
+
+def _constant_name(ref: Mapping[str, Any], field: str) -> str:
+    """A kfp-kubernetes object name: the literal field, else the constant its ...NameParameter holds."""
+    if ref.get(field):
+        return str(ref[field])
+    param = ref.get(f"{field}Parameter") or {}
+    constant = (param.get("runtimeValue") or {}).get("constant")
+    # a name chosen at run time (a pipeline parameter) cannot be checked offline: report it as missing
+    return str(constant) if constant else f"<run-time parameter {param}>"
+
+
+def pipeline_references(platform_spec: Mapping[str, Any]) -> list[ObjectRef]:
+    """The Secrets and ConfigMaps the tasks of a compiled pipeline read (its ``platforms: kubernetes`` doc).
+
+    Reads every executor's kfp-kubernetes fields: ``secretAsEnv``/``secretAsVolume``,
+    ``configMapAsEnv``/``configMapAsVolume`` (with the keys mapped to variables) and ``imagePullSecret``.
+    """
+    executors = (platform_spec.get("kubernetes") or {}).get("deploymentSpec", {}).get("executors", {})
+    refs: list[ObjectRef] = []
+    for executor, spec in executors.items():
+        for kind, prefix, key_field in (
+            ("Secret", "secret", "secretKey"),
+            ("ConfigMap", "configMap", "configMapKey"),
+        ):
+            for field in (f"{prefix}AsEnv", f"{prefix}AsVolume"):
+                for ref in spec.get(field) or []:
+                    keys = frozenset(str(k[key_field]) for k in ref.get("keyToEnv") or [])
+                    refs.append(
+                        ObjectRef(kind, _constant_name(ref, f"{prefix}Name"), keys, f"{executor} {field}")
+                    )
+        for ref in spec.get("imagePullSecret") or []:
+            refs.append(
+                ObjectRef("Secret", _constant_name(ref, "secretName"), by=f"{executor} imagePullSecret")
+            )
+    return refs
+
+
+def launcher_references(launcher: Mapping[str, Any]) -> list[ObjectRef]:
+    """The Secrets a ``kfp-launcher`` ConfigMap points the launcher at: the ``secretRef`` of each provider."""
+
+    def walk(node: Any, path: str) -> Iterator[ObjectRef]:
+        if isinstance(node, Mapping):
+            ref = node.get("secretRef")
+            if isinstance(ref, Mapping):
+                keys = frozenset(str(v) for k, v in ref.items() if k != "secretName")
+                yield ObjectRef(
+                    "Secret", str(ref.get("secretName")), keys, f"{KFP_LAUNCHER_CONFIGMAP} {path}"
+                )
+            for key, value in node.items():
+                yield from walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                yield from walk(value, f"{path}[{i}]")
+
+    providers = yaml.safe_load((launcher.get("data") or {}).get("providers") or "{}")
+    return list(walk(providers, "providers"))
+
+
+def missing_references(
+    objects: Iterable[Mapping[str, Any]], namespace: str, refs: Iterable[ObjectRef]
+) -> list[str]:
+    """What of ``refs`` is not among ``objects`` in ``namespace``: absent objects and absent data keys.
+
+    A ServiceAccount found brings its ``imagePullSecrets`` in as further references. Empty means complete.
+    """
+    found = {
+        (o["kind"], o["metadata"]["name"]): o
+        for o in objects
+        if o.get("metadata", {}).get("namespace") == namespace
+    }
+    todo, out = list(refs), []
+    while todo:
+        ref = todo.pop(0)
+        obj = found.get((ref.kind, ref.name))
+        if obj is None:
+            out.append(f"{ref}: no {ref.kind} {ref.name!r} in namespace {namespace}")
+            continue
+        present = {*(obj.get("data") or {}), *(obj.get("stringData") or {}), *(obj.get("binaryData") or {})}
+        if ref.keys - present:
+            out.append(
+                f"{ref}: {ref.kind} {ref.name!r} in {namespace} lacks keys {sorted(ref.keys - present)}"
+            )
+        if ref.kind == "ServiceAccount":
+            for pull in obj.get("imagePullSecrets") or []:
+                todo.append(
+                    ObjectRef("Secret", pull["name"], by=f"ServiceAccount/{ref.name} imagePullSecrets")
+                )
+    return out
+
+
+# --- NetworkPolicy ingress, evaluated offline ----------------------------------------------------------
+
+
+def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions) selects ``labels``; {} selects all."""
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }.get(op)
+        if ok is None:
+            raise ValueError(f"label selector operator {op!r}: expected In, NotIn, Exists or DoesNotExist")
+        if not ok:
+            return False
+    return True
+
+
+def ingress_allowed(
+    policies: Iterable[Mapping[str, Any]],
+    target: Mapping[str, Any],
+    port: int,
+    *,
+    source_labels: Mapping[str, str],
+    source_namespace: str,
+    source_namespace_labels: Mapping[str, str] | None = None,
+) -> bool:
+    """Whether NetworkPolicies let a pod (labels, namespace) open a TCP connection to ``target``'s ``port``.
+
+    ``target`` is a workload (Deployment, StatefulSet, ...) whose pod template gives the labels and the
+    named container ports. Kubernetes semantics: a pod no Ingress policy selects accepts everything; one
+    that is selected accepts what some rule of a selecting policy allows (no ``from``: any source; no
+    ``ports``: any port). A peer with only ``podSelector`` means pods of the policy's namespace. Traffic
+    from the node (kubelet probes, port-forward) is outside this model and always allowed.
+    """
+    target_ns = target["metadata"]["namespace"]
+    pod = pod_labels_of(target)
+    spec = pod_spec_of(target) or {}
+    named = {
+        p["name"]: p["containerPort"]
+        for c in spec.get("containers", [])
+        for p in c.get("ports", [])
+        if "name" in p
+    }
+    ns_labels = {**(source_namespace_labels or {}), "kubernetes.io/metadata.name": source_namespace}
+
+    def peer_ok(peer: Mapping[str, Any]) -> bool:
+        if "ipBlock" in peer:
+            raise ValueError("ipBlock peers are not modelled: give pod and namespace selectors")
+        if "namespaceSelector" in peer:
+            ns_ok = selector_matches(peer["namespaceSelector"], ns_labels)
+        else:
+            ns_ok = source_namespace == target_ns
+        return ns_ok and selector_matches(peer.get("podSelector"), source_labels)
+
+    def port_ok(p: Mapping[str, Any]) -> bool:
+        want = p.get("port")
+        number = named.get(want) if isinstance(want, str) else want
+        return p.get("protocol", "TCP") == "TCP" and (want is None or number == port)
+
+    selecting = [
+        pol
+        for pol in policies
+        if pol["kind"] == "NetworkPolicy"
+        and pol["metadata"]["namespace"] == target_ns
+        and "Ingress" in (pol["spec"].get("policyTypes") or ["Ingress"])
+        and selector_matches(pol["spec"].get("podSelector"), pod)
+    ]
+    if not selecting:
+        return True
+    return any(
+        (not rule.get("from") or any(peer_ok(peer) for peer in rule["from"]))
+        and (not rule.get("ports") or any(port_ok(p) for p in rule["ports"]))
+        for pol in selecting
+        for rule in pol["spec"].get("ingress") or []
+    )

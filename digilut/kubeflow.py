@@ -48,7 +48,7 @@ def compile_pipelines(out_dir: str | Path = COMPILED_DIR) -> list[Path]:
 @dataclass(frozen=True)
 class SubmitConfig:
     host: str
-    namespace: str = "kubeflow"
+    namespace: str = k8s.DEFAULT_NAMESPACE
     token: str | None = None
     experiment: str = "digilut"
     pipeline: str = "training"
@@ -67,7 +67,7 @@ class SubmitConfig:
     def from_env(cls, **overrides: Any) -> SubmitConfig:
         values = {
             "host": os.environ.get("KFP_HOST", ""),
-            "namespace": os.environ.get("KFP_NAMESPACE", "kubeflow"),
+            "namespace": os.environ.get("KFP_NAMESPACE", k8s.DEFAULT_NAMESPACE),
             "token": os.environ.get("KFP_TOKEN") or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})

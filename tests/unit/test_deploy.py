@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.metadata
+import json
 import re
 import shutil
 import subprocess
@@ -18,16 +19,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
 from digilut import k8s
 from digilut.images import image
+from digilut.kubeflow import SubmitConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
 OVERLAYS = ("dev", "prod")
+# The KFP mode each overlay is for (manifests/README.md): where KFP will run the pipeline's pods.
+OVERLAY_MODE = {"dev": "standalone", "prod": "multi-user"}
+PROFILE_SCHEMA = Path(__file__).parent / "schemas" / "kubeflow.org_v1_profile.json"
 DOCKERFILES = ("base", "train")
 K8S_VERSION = kubernetes_validate.latest_version()
 VENV_BIN = Path(sys.executable).parent
@@ -41,12 +47,21 @@ needs_kubectl = pytest.mark.skipif(
 
 
 def _copy_manifests(dest: Path) -> Path:
-    """A copy of manifests/ with every overlay's git-ignored .env files made from the .env.example files."""
+    """A copy of manifests/ with the git-ignored secret files made from their committed .example files."""
     out = dest / "manifests"
-    shutil.copytree(MANIFESTS, out, ignore=shutil.ignore_patterns("*.env"))
-    for example in out.glob("overlays/*/*.env.example"):
+    shutil.copytree(MANIFESTS, out, ignore=shutil.ignore_patterns("*.env", "*.dockerconfigjson"))
+    for example in [*out.glob("overlays/*/*.env.example"), *out.glob("components/*/*.example")]:
         example.with_suffix("").write_text(example.read_text())
     return out
+
+
+def _enable_private_registry(overlay_dir: Path) -> None:
+    """Switch on the private-registry component the way manifests/README.md says: uncomment its line."""
+    kustomization = overlay_dir / "kustomization.yaml"
+    text = kustomization.read_text()
+    line = "  # - ../../components/private-registry\n"
+    assert line in text, f"{kustomization}: no commented private-registry line to enable"
+    kustomization.write_text(text.replace(line, "  - ../../components/private-registry\n"))
 
 
 def _kustomize(path: Path) -> list[dict[str, Any]]:
@@ -107,7 +122,9 @@ def test_overlay_objects_validate_strictly(rendered: tuple[str, list[dict[str, A
             "ConfigMap/kfp-launcher",
             "Deployment/mlflow",
             "Deployment/tensorboard",
-            f"Namespace/{'digilut-dev' if overlay == 'dev' else 'digilut'}",
+            "NetworkPolicy/mlflow",
+            "NetworkPolicy/mlflow-postgres",
+            "NetworkPolicy/tensorboard",
             "Role/digilut-pipeline",
             "RoleBinding/digilut-pipeline",
             "Secret/digilut-mlflow-db",
@@ -119,9 +136,7 @@ def test_overlay_objects_validate_strictly(rendered: tuple[str, list[dict[str, A
             "ServiceAccount/digilut-server",
             "StatefulSet/mlflow-postgres",
         ]
-    )
-    namespace = _find(objs, "Namespace", "digilut-dev" if overlay == "dev" else "digilut")["metadata"]["name"]
-    assert all(o["metadata"].get("namespace") == namespace for o in objs if o["kind"] != "Namespace")
+    ), overlay
 
 
 def test_base_objects_validate_strictly_without_kubectl() -> None:
@@ -346,6 +361,291 @@ def test_gpu_scheduling_notes_match_what_the_pipeline_sets() -> None:
     assert f"`{k8s.GPU_RESOURCE}: 1`" in notes
 
 
+# --- namespaces: where KFP runs the pods, in both KFP modes ----------------------------------------
+
+
+def _profile() -> dict[str, Any]:
+    (profile,) = [d for d in yaml.safe_load_all((MANIFESTS / "profile" / "profile.yaml").read_text()) if d]
+    return profile
+
+
+def _pod_namespace(overlay: str) -> str:
+    """Where KFP runs a run's pods for this overlay's mode: standalone KFP's own namespace (the API server's
+    POD_NAMESPACE), or in multi-user Kubeflow the namespace the Profile creates, named after it."""
+    if OVERLAY_MODE[overlay] == "standalone":
+        return k8s.KFP_STANDALONE_NAMESPACE
+    return _profile()["metadata"]["name"]
+
+
+def _compiled_platform_specs() -> dict[str, dict[str, Any]]:
+    specs = {}
+    for path in sorted((ROOT / "pipelines" / "compiled").glob("*.yaml")):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        specs[path.stem] = next(d["platforms"] for d in docs if "platforms" in d)
+    return specs
+
+
+def _run_references(objs: list[dict[str, Any]]) -> list[k8s.ObjectRef]:
+    """Everything a run's pods read by name: what the compiled pipelines mount, the ServiceAccount
+    `digilut submit` runs them as, kfp-launcher (the keys the launcher reads) and its secretRefs."""
+    specs = _compiled_platform_specs()
+    assert set(specs) == {"training", "inference"}
+    refs = [ref for spec in specs.values() for ref in k8s.pipeline_references(spec)]
+    refs.append(
+        k8s.ObjectRef("ServiceAccount", SubmitConfig(host="http://kfp").service_account, by="digilut submit")
+    )
+    refs.append(
+        k8s.ObjectRef(
+            "ConfigMap",
+            k8s.KFP_LAUNCHER_CONFIGMAP,
+            frozenset({"defaultPipelineRoot", "providers"}),
+            "KFP launcher",
+        )
+    )
+    launchers = [
+        o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == k8s.KFP_LAUNCHER_CONFIGMAP
+    ]
+    for launcher in launchers:
+        refs += k8s.launcher_references(launcher)
+    return refs
+
+
+def test_no_overlay_makes_a_namespace_and_each_deploys_where_its_runs_pods_run(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    overlay, objs = rendered
+    # a bare Namespace would fight the profile controller, which refuses a namespace it does not own
+    assert not [o for o in objs if o["kind"] in ("Namespace", "Profile")]
+    assert {o["metadata"].get("namespace") for o in objs} == {_pod_namespace(overlay)}
+
+
+def test_every_object_a_run_references_exists_where_its_pods_run(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    overlay, objs = rendered
+    refs = _run_references(objs)
+    kinds = {r.kind for r in refs}
+    assert kinds == {"Secret", "ConfigMap", "ServiceAccount"}
+    assert any(r.name == k8s.S3_SECRET_NAME and r.keys == set(k8s.S3_SECRET_KEYS) for r in refs)
+    assert any(r.name == k8s.RUNTIME_CONFIGMAP and r.keys == set(k8s.RUNTIME_ENV_KEYS) for r in refs)
+    assert k8s.missing_references(objs, _pod_namespace(overlay), refs) == [], overlay
+
+
+def test_the_reference_check_names_what_is_missing(manifests_copy: Path) -> None:
+    if KUBECTL is None:
+        pytest.skip("kubectl not installed")
+    objs = _kustomize(manifests_copy / "overlays" / "prod")
+    refs = _run_references(objs)
+    # the same objects in another namespace are no use to the run's pods
+    found = k8s.missing_references(objs, "kubeflow", refs)
+    assert any("no ServiceAccount 'digilut-pipeline' in namespace kubeflow" in m for m in found)
+    assert any("no ConfigMap 'kfp-launcher' in namespace kubeflow" in m for m in found)
+    # a key a task reads is gone from the ConfigMap
+    env = _find(objs, "ConfigMap", k8s.RUNTIME_CONFIGMAP)
+    del env["data"]["DIGILUT_BUCKET"]
+    env_refs = [r for r in refs if r.name == k8s.RUNTIME_CONFIGMAP]
+    found = k8s.missing_references(objs, "digilut", refs)
+    assert len(found) == len(env_refs) >= 2
+    assert all("lacks keys ['DIGILUT_BUCKET']" in m and "exec-" in m for m in found)
+    # a pull secret the pipeline's ServiceAccount lists must be there too
+    _find(objs, "ServiceAccount", k8s.PIPELINE_SERVICE_ACCOUNT)["imagePullSecrets"] = [{"name": "nope"}]
+    sa = [r for r in refs if r.kind == "ServiceAccount"]
+    (msg,) = k8s.missing_references(objs, "digilut", sa)
+    assert msg.startswith("Secret/nope (used by ServiceAccount/digilut-pipeline imagePullSecrets): no Secret")
+
+
+def test_pipeline_references_read_every_kfp_kubernetes_field() -> None:
+    spec = {
+        "kubernetes": {
+            "deploymentSpec": {
+                "executors": {
+                    "exec-a": {
+                        "secretAsVolume": [{"secretName": "vol-secret", "mountPath": "/s"}],
+                        "configMapAsVolume": [{"configMapName": "vol-cm", "mountPath": "/c"}],
+                        "imagePullSecret": [{"secretName": "pull"}],
+                        "secretAsEnv": [
+                            {
+                                "secretNameParameter": {"componentInputParameter": "which"},
+                                "keyToEnv": [{"secretKey": "K", "envVar": "K"}],
+                            }
+                        ],
+                    }
+                }
+            }
+        }
+    }
+    refs = {(r.kind, r.name, r.keys) for r in k8s.pipeline_references(spec)}
+    assert ("Secret", "vol-secret", frozenset()) in refs
+    assert ("ConfigMap", "vol-cm", frozenset()) in refs
+    assert ("Secret", "pull", frozenset()) in refs
+    # a name chosen at run time cannot be checked offline, so it is never found
+    (param,) = [r for r in refs if r[2] == {"K"}]
+    assert param[1].startswith("<run-time parameter")
+
+
+def test_submit_defaults_to_the_namespace_the_default_overlay_deploys_into(
+    manifests_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KFP_NAMESPACE", raising=False)
+    monkeypatch.setenv("KFP_HOST", "http://kfp")
+    assert (
+        SubmitConfig(host="http://kfp").namespace
+        == SubmitConfig.from_env().namespace
+        == k8s.DEFAULT_NAMESPACE
+    )
+    # the README's deploy steps apply the dev overlay (standalone KFP) and submit without a namespace
+    readme = (ROOT / "README.md").read_text()
+    assert "kubectl apply -k manifests/overlays/dev" in readme
+    assert _pod_namespace("dev") == k8s.DEFAULT_NAMESPACE
+    if KUBECTL is not None:
+        objs = _kustomize(manifests_copy / "overlays" / "dev")
+        assert {o["metadata"]["namespace"] for o in objs} == {k8s.DEFAULT_NAMESPACE}
+
+
+def test_profile_validates_against_the_crd_schema_and_owns_the_prod_namespace() -> None:
+    schema = json.loads(PROFILE_SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    profile = _profile()
+    validator.validate(profile)
+    assert profile["metadata"]["name"] == k8s.PROFILE_NAMESPACE == _pod_namespace("prod")
+    prod = yaml.safe_load((MANIFESTS / "overlays" / "prod" / "kustomization.yaml").read_text())
+    assert prod["namespace"] == k8s.PROFILE_NAMESPACE
+    # the schema is strict: a misspelt or misplaced field is refused
+    bad = json.loads(json.dumps(profile))
+    bad["spec"]["ownr"] = bad["spec"].pop("owner")
+    assert not validator.is_valid(bad)
+    bad = json.loads(json.dumps(profile))
+    bad["metadata"]["namespace"] = "digilut"  # cluster-scoped
+    assert not validator.is_valid(bad)
+
+
+# --- network policies ---------------------------------------------------------------------------------
+
+# Labels of a KFP v2 task pod, and of a pod with nothing to do with digilut.
+PIPELINE_POD = {"pipelines.kubeflow.org/v2_component": "true", "workflows.argoproj.io/workflow": "digilut-x"}
+OTHER_POD = {"app": "something-else"}
+
+
+def test_mlflow_is_reachable_from_the_pipeline_namespace_and_postgres_only_from_mlflow(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    overlay, objs = rendered
+    ns = _pod_namespace(overlay)
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    mlflow = _find(objs, "Deployment", "mlflow")
+    postgres = _find(objs, "StatefulSet", "mlflow-postgres")
+    tensorboard = _find(objs, "Deployment", "tensorboard")
+    mlflow_pod = dict(k8s.pod_labels_of(mlflow))
+
+    def allowed(target: dict[str, Any], port: int, labels: dict[str, str], namespace: str) -> bool:
+        return k8s.ingress_allowed(policies, target, port, source_labels=labels, source_namespace=namespace)
+
+    assert allowed(mlflow, k8s.MLFLOW_PORT, PIPELINE_POD, ns)
+    assert not allowed(mlflow, k8s.MLFLOW_PORT, PIPELINE_POD, "someone-else")
+    assert not allowed(mlflow, k8s.MLFLOW_PORT, mlflow_pod, "default")
+    assert not allowed(mlflow, 8080, PIPELINE_POD, ns)
+    assert allowed(postgres, 5432, mlflow_pod, ns)
+    assert not allowed(postgres, 5432, PIPELINE_POD, ns)
+    assert not allowed(postgres, 5432, OTHER_POD, ns)
+    assert not allowed(postgres, 5432, mlflow_pod, "someone-else")
+    assert allowed(tensorboard, k8s.TENSORBOARD_PORT, PIPELINE_POD, ns)
+    assert not allowed(tensorboard, k8s.TENSORBOARD_PORT, OTHER_POD, "someone-else")
+    # every Service's pods are behind a policy
+    for svc in (o for o in objs if o["kind"] == "Service"):
+        selected = [
+            p for p in policies if k8s.selector_matches(p["spec"]["podSelector"], svc["spec"]["selector"])
+        ]
+        assert selected, f"Service/{svc['metadata']['name']} has no NetworkPolicy"
+    # servers opt out of the Istio sidecar profile namespaces inject (KFP's task pods have none)
+    for workload in (mlflow, postgres, tensorboard):
+        assert k8s.pod_labels_of(workload)["sidecar.istio.io/inject"] == "false"
+
+
+def test_ingress_model_follows_kubernetes_semantics() -> None:
+    target = {
+        "kind": "Deployment",
+        "metadata": {"name": "t", "namespace": "a"},
+        "spec": {
+            "template": {
+                "metadata": {"labels": {"app": "t"}},
+                "spec": {"containers": [{"name": "c", "ports": [{"name": "web", "containerPort": 80}]}]},
+            }
+        },
+    }
+
+    def policy(ingress: list[dict[str, Any]], selector: dict[str, Any] | None = None) -> dict[str, Any]:
+        spec = {"podSelector": selector or {"matchLabels": {"app": "t"}}, "policyTypes": ["Ingress"]}
+        return {
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "p", "namespace": "a"},
+            "spec": {**spec, "ingress": ingress},
+        }
+
+    def allowed(policies: list[dict[str, Any]], ns: str = "a", labels: dict[str, str] | None = None) -> bool:
+        return k8s.ingress_allowed(
+            policies, target, 80, source_labels=labels or {"x": "y"}, source_namespace=ns
+        )
+
+    assert allowed([]) and allowed([], ns="b")  # no policy selects the pod: open
+    assert not allowed([policy([])])  # selected, no rule: closed
+    assert not allowed([policy([{}], selector={"matchLabels": {"app": "other"}}), policy([])])
+    assert allowed([policy([{}])], ns="b")  # a rule with no from and no ports: anything
+    ns_b = [
+        policy([{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "b"}}}]}])
+    ]
+    assert allowed(ns_b, ns="b") and not allowed(ns_b, ns="a")
+    expr = [
+        policy(
+            [
+                {
+                    "from": [
+                        {
+                            "podSelector": {
+                                "matchExpressions": [{"key": "x", "operator": "In", "values": ["y"]}]
+                            }
+                        }
+                    ]
+                }
+            ]
+        )
+    ]
+    assert allowed(expr) and not allowed(expr, ns="b") and not allowed(expr, labels={"x": "z"})
+    assert allowed([policy([{"ports": [{"port": "web"}]}])]) and not allowed(
+        [policy([{"ports": [{"port": 81}]}])]
+    )
+    assert not allowed([policy([{"ports": [{"port": 80, "protocol": "UDP"}]}])])
+    with pytest.raises(ValueError, match="ipBlock"):
+        allowed([policy([{"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}])])
+
+
+# --- private registry -------------------------------------------------------------------------------
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_private_registry_option_puts_the_pull_secret_on_both_service_accounts(
+    tmp_path: Path, overlay: str
+) -> None:
+    copy = _copy_manifests(tmp_path)
+    _enable_private_registry(copy / "overlays" / overlay)
+    objs = _kustomize(copy / "overlays" / overlay)
+    for obj in objs:
+        _validate(obj)
+    secret = _find(objs, "Secret", k8s.REGISTRY_SECRET_NAME)
+    assert secret["type"] == "kubernetes.io/dockerconfigjson" and set(secret["data"]) == {".dockerconfigjson"}
+    for sa in (k8s.PIPELINE_SERVICE_ACCOUNT, k8s.SERVER_SERVICE_ACCOUNT):
+        assert _find(objs, "ServiceAccount", sa)["imagePullSecrets"] == [{"name": k8s.REGISTRY_SECRET_NAME}]
+    # TensorBoard (our image) runs as the server account; the pipeline's pods as digilut-pipeline
+    tensorboard = _find(objs, "Deployment", "tensorboard")["spec"]["template"]["spec"]
+    assert tensorboard["serviceAccountName"] == k8s.SERVER_SERVICE_ACCOUNT
+    refs = [
+        k8s.ObjectRef("ServiceAccount", sa)
+        for sa in (k8s.PIPELINE_SERVICE_ACCOUNT, k8s.SERVER_SERVICE_ACCOUNT)
+    ]
+    assert k8s.missing_references(objs, _pod_namespace(overlay), refs) == []
+    assert k8s.missing_references(objs, _pod_namespace(overlay), _run_references(objs)) == []
+
+
 # --- no secret committed ----------------------------------------------------------------------------
 
 
@@ -366,12 +666,16 @@ def test_no_secret_value_is_committed() -> None:
             if line.strip() and not line.startswith("#"):
                 key, value = line.split("=", 1)
                 assert value == PLACEHOLDER, f"{example.name}: {key} holds a value, not {PLACEHOLDER}"
-    # the real .env files are git-ignored, and none is tracked
+    registry = MANIFESTS / "components" / "private-registry" / "registry.dockerconfigjson.example"
+    auths = json.loads(registry.read_text())["auths"]
+    assert auths and all(a == {"auth": PLACEHOLDER} for a in auths.values()), registry.name
+    examples.append(registry)
+    # the real .env and .dockerconfigjson files are git-ignored, and none is tracked
     real = [str(e.with_suffix("").relative_to(ROOT)) for e in examples]
     ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", *real], capture_output=True, text=True)
     assert sorted(ignored.stdout.split()) == sorted(real)
     tracked = _tracked("manifests", "images")
-    assert not [p for p in tracked if p.endswith(".env")]
+    assert not [p for p in tracked if p.endswith((".env", ".dockerconfigjson"))]
     # no tracked YAML holds a Secret with data, and nothing looks like an AWS access key
     for rel in tracked:
         text = (ROOT / rel).read_text(errors="replace")
