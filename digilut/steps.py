@@ -33,6 +33,7 @@ import torch
 
 from digilut.annotations import check_slide_sizes
 from digilut.boxes import BoxesConfig
+from digilut.cpus import available_cpus
 from digilut.evaluate import Evaluation, evaluate_predictions
 from digilut.extract import ExtractConfig, PrepareReport, SlidePatches, extract_slides
 from digilut.ingest import BOXES_NAME, fetch_slides, ingest_data
@@ -84,7 +85,7 @@ def extract_step(
                 paths.extend(fetch_slides(data_uri, [name], Path(tmp)).values())
             except (OSError, ValueError) as err:  # missing or unsafe slide: report, go on
                 results[name] = SlidePatches(name, "failed", error=f"{type(err).__name__}: {err}")
-        threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+        threads = max(1, available_cpus() // max(1, workers))
         results.update(extract_slides(paths, extracted, cfg, workers=workers, threads=threads))
     report = PrepareReport(results, sum(r.seconds for r in results.values()), cfg.__dict__.copy())
     atomic_write(extracted / "report.json", [report.to_json().encode()])

@@ -8,7 +8,9 @@ undersampling, ``sampled``) and validates on every patch of fold ``K``'s patient
     last.pt         full training state after the last finished epoch (resume point)
     oof.parquet     out-of-fold predictions: the validation rows + ``prob`` of the best model
     result.json     :class:`FoldResult` (history, best epoch, figures, MLflow run id)
-    tensorboard/    event files: loss, AUROC, learning rate, a grid of training patches
+    tensorboard/    event files: loss, AUROC, learning rate, a grid of training patches; copied
+                    after every epoch to the tracking config's ``tensorboard_dir`` (e.g.
+                    ``s3://bucket/tensorboard/<run>/fold<k>``, where the TensorBoard server reads)
 
 Every file is written atomically. Re-running the same command resumes from ``last.pt`` (the same
 MLflow run continues), and returns at once when the fold has already finished. Runs are
@@ -25,6 +27,7 @@ import json
 import logging
 import math
 import pickle
+import shutil
 import signal
 import threading
 import time
@@ -40,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
+from digilut.cpus import available_cpus
 from digilut.data import PatchDataset, make_loader, make_sampler, to_model_input
 from digilut.errors import ConfigError, DigilutError, TrainingInterrupted
 from digilut.manifest import read_manifest, write_manifest
@@ -231,6 +235,24 @@ def _sigterm_saves_state(enabled: bool) -> Iterator[_StopRequest]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def sync_events(tensorboard_dir: Path, dest: str) -> None:
+    """Copy a fold's event files to ``dest`` (a folder or ``s3://`` prefix; unchanged files are
+    skipped). A failure is logged, not raised: TensorBoard must not stop training."""
+    if not dest or not tensorboard_dir.is_dir():
+        return
+    try:
+        if dest.startswith("s3://"):
+            from digilut.ingest import s3_target
+            from digilut.storage import upload_dir
+
+            cfg, prefix = s3_target(dest)
+            upload_dir(cfg, tensorboard_dir, prefix)
+        else:
+            shutil.copytree(tensorboard_dir, dest, dirs_exist_ok=True)
+    except (OSError, DigilutError) as err:
+        log.warning("tensorboard: copying %s to %s failed (%s); training goes on", tensorboard_dir, dest, err)
+
+
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -282,8 +304,10 @@ def train_fold(
     :class:`~digilut.errors.TrainingInterrupted`; a re-run resumes at that batch and ends with the
     same weights as an uninterrupted run. ``on_checkpoint(out_dir)`` is called after every saved
     state and after ``result.json`` (e.g. to copy the folder where a new pod finds it: see
-    :func:`digilut.steps.train_step`). A finished fold is reused only when ``model.pt`` still has
-    the content recorded in ``result.json`` and the fold's rows are the same (content hashes).
+    :func:`digilut.steps.train_step`). The event files are copied at the same points to
+    ``tracker.cfg.tensorboard_dir(fold, parent run id)`` when the tracking config names a logdir.
+    A finished fold is reused only when ``model.pt`` still has the content recorded in
+    ``result.json`` and the fold's rows are the same (content hashes).
     """
     t_start = time.perf_counter()
     manifest = Path(manifest)
@@ -315,6 +339,8 @@ def train_fold(
         # Folds that share a machine's cores (kfp.local runs them side by side) must not each
         # start one OpenMP thread per core: oversubscribed, they ran 10× slower here.
         torch.set_num_threads(cfg.cpu_threads)
+    elif device.type == "cpu" and torch.get_num_threads() > (cpus := available_cpus()):
+        torch.set_num_threads(cpus)  # torch's default is the node's cores, not the pod's CPU limit
     use_cuda = device.type == "cuda"
     use_amp = cfg.amp and use_cuda
     channels_last = cfg.channels_last and use_cuda
@@ -388,6 +414,14 @@ def train_fold(
     first_step = partial["step"] if partial is not None else 0
     purge = start_epoch * steps_per_epoch + first_step
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge or None)
+    events_dest = tracker.cfg.tensorboard_dir(fold, parent.run_id if parent else None)
+    if events_dest:
+        log.info("fold %d: TensorBoard events go to %s", fold, events_dest)
+
+    def publish_events() -> None:
+        writer.flush()
+        sync_events(out_dir / "tensorboard", events_dest)
+
     log.info(
         "fold %d: %d training patches (%d positive), %d validation patches (%d positive), %s × %d epochs, "
         "%d steps/epoch on %s (amp=%s, channels_last=%s)",
@@ -508,7 +542,7 @@ def train_fold(
                             "rng": torch.get_rng_state(),
                         }
                         _save_state(state_path, snapshot(epoch - 1, mid))
-                        writer.flush()
+                        publish_events()
                         if on_checkpoint:
                             on_checkpoint(out_dir)
                         raise TrainingInterrupted(
@@ -583,8 +617,8 @@ def train_fold(
                     row["epoch_s"],
                 )
                 _save_state(state_path, snapshot(epoch, None))
+                publish_events()
                 if on_checkpoint:
-                    writer.flush()
                     on_checkpoint(out_dir)
                 if sigterm.signal is not None and not finished:  # signalled during validation
                     raise TrainingInterrupted(
@@ -608,6 +642,7 @@ def train_fold(
         writer.close()
         raise
     writer.close()
+    sync_events(out_dir / "tensorboard", events_dest)
     if best_epoch < 0:
         raise DigilutError(f"fold {fold}: no epoch finished (max_epochs_this_run={max_epochs_this_run})")
     result = FoldResult(
