@@ -39,6 +39,7 @@ from digilut.extract import ExtractConfig, PrepareReport, SlidePatches, extract_
 from digilut.ingest import BOXES_NAME, fetch_slides, ingest_data
 from digilut.labels import LabelConfig, label_patches
 from digilut.manifest import EXTRACT_COLUMNS, MANIFEST_NAME, conform, read_manifest, write_manifest
+from digilut.model import select_device
 from digilut.predict import PredictConfig, predict_patches
 from digilut.report import RunFigures, write_report
 from digilut.shards import atomic_write
@@ -52,8 +53,9 @@ PREDICTIONS_NAME = "predictions.parquet"
 
 
 def pick_device() -> torch.device:
-    """The device for training/prediction, chosen once per step: CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device for training/prediction, chosen once per step: CUDA when present, else CPU; a
+    task the pipeline put on a GPU (``DIGILUT_REQUIRE_GPU=1``) fails here when CUDA is missing."""
+    return select_device("auto")
 
 
 def _write_json(path: Path, data: object) -> None:
