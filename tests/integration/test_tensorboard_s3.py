@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from digilut.services import HOST, S3Server, Service, free_ports
-from digilut.storage import S3Config, list_keys
+from digilut.storage import S3Config, list_objects
 from digilut.tracking import Tracker, TrackingConfig
 from digilut.train import TrainConfig, train_fold
 from tests.unit.patch_fixtures import make_patch_manifest
@@ -62,14 +62,24 @@ def test_fold_events_reach_s3_after_each_epoch_and_tensorboard_serves_them(
     events_prefix = f"{s3_prefix}/tensorboard/run-a/fold1/"
     cpu = torch.device("cpu")
 
+    seen: list[dict[str, int]] = []  # the event objects in S3 each time an epoch's state is saved
+
+    def at_checkpoint(_: Path) -> None:
+        seen.append({o.key: o.size for o in list_objects(s3_env, events_prefix)})
+
     with Tracker(tracking) as tracker:  # MLflow off: the logdir is all that is configured
-        first = train_fold(manifest, 1, tmp_path / "fold1", TINY, cpu, tracker=tracker, max_epochs_this_run=1)
-    assert not first.finished
-    after_one = list_keys(s3_env, events_prefix)
-    assert after_one and all(k.split("/")[-1].startswith("events.out.tfevents.") for k in after_one)
+        first = train_fold(
+            manifest, 1, tmp_path / "fold1", TINY, cpu, tracker=tracker, max_epochs_this_run=1,
+            on_checkpoint=at_checkpoint,
+        )  # fmt: skip
+    assert not first.finished and len(seen) == 2  # after epoch 0, after result.json
+    ((key, size),) = seen[0].items()  # already there after epoch 0, while the fold is still running
+    assert key.split("/")[-1].startswith("events.out.tfevents.") and size > 0
     with Tracker(tracking) as tracker:  # a new pod resumes the fold: a second event file
-        result = train_fold(manifest, 1, tmp_path / "fold1", TINY, cpu, tracker=tracker)
-    assert result.finished and len(list_keys(s3_env, events_prefix)) == len(after_one) + 1
+        result = train_fold(
+            manifest, 1, tmp_path / "fold1", TINY, cpu, tracker=tracker, on_checkpoint=at_checkpoint
+        )
+    assert result.finished and len(seen[2]) == 2 and key in seen[2]  # seen[2]: after epoch 1
 
     tb, url = _tensorboard(logdir, s3_env, tmp_path / "tensorboard.log")
     try:
