@@ -253,6 +253,18 @@ def sync_events(tensorboard_dir: Path, dest: str) -> None:
         log.warning("tensorboard: copying %s to %s failed (%s); training goes on", tensorboard_dir, dest, err)
 
 
+def _cuda_rng(device: torch.device) -> torch.Tensor | None:
+    """The CUDA generator's state (dropout draws on the GPU from it), or None on the CPU."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_cuda_rng(saved: dict[str, Any], device: torch.device) -> None:
+    """Restore the CUDA generator saved by :func:`_cuda_rng`, so that a fold resumed on a GPU
+    draws the same dropout masks as an uninterrupted run."""
+    if device.type == "cuda" and saved.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(saved["cuda_rng"], device)
+
+
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -370,6 +382,7 @@ def train_fold(
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
+        _set_cuda_rng(state, device)
         history = list(state["history"])
         best_auroc, best_loss, best_epoch = state["best_auroc"], state["best_loss"], state["best_epoch"]
         bad_epochs, start_epoch, run_id = state["bad_epochs"], state["epoch"] + 1, state["mlflow_run_id"]
@@ -463,6 +476,7 @@ def train_fold(
             "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(),
             "rng": torch.get_rng_state(),
+            "cuda_rng": _cuda_rng(device),
             "history": history,
             "best_auroc": best_auroc,
             "best_loss": best_loss,
@@ -502,6 +516,7 @@ def train_fold(
                 batches = iter(loader)  # draws the loader's base seed from the global RNG
                 if partial is not None:
                     torch.set_rng_state(partial["rng"])  # as it was after the last batch done
+                    _set_cuda_rng(partial, device)
                     partial = None
                 for step, batch in enumerate(batches, start=first_step):
                     x = to_model_input(
@@ -540,6 +555,7 @@ def train_fold(
                             "seen": seen,
                             "generator": gen.get_state(),
                             "rng": torch.get_rng_state(),
+                            "cuda_rng": _cuda_rng(device),
                         }
                         _save_state(state_path, snapshot(epoch - 1, mid))
                         publish_events()

@@ -82,3 +82,25 @@ def test_garbled_cgroup_files_are_no_limit(tmp_path: Path) -> None:
 
 def test_this_machine_gives_at_least_one_cpu() -> None:
     assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_cpu_training_caps_torch_threads_at_the_available_cpus(tmp_path: Path) -> None:
+    # torch's default pool is one thread per node core; a fold on the CPU brings it down to the
+    # CPUs this process may use.
+    import torch
+    from patch_fixtures import make_patch_manifest
+
+    from digilut.train import TrainConfig, train_fold
+
+    manifest = make_patch_manifest(tmp_path / "data", patients=3, grid=3, px=32, folds=2)
+    cfg = TrainConfig(
+        input_px=32, epochs=1, batch_size=8, num_workers=0, weights="none", hidden_units=8,
+        patches_per_epoch=8, max_val_patches=8,
+    )  # fmt: skip
+    before, n = torch.get_num_threads(), available_cpus()
+    try:
+        torch.set_num_threads(n + 3)
+        train_fold(manifest, 0, tmp_path / "a", cfg, torch.device("cpu"))
+        assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(before)

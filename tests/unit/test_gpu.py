@@ -22,8 +22,8 @@ from patch_fixtures import make_patch_manifest
 from digilut import k8s
 from digilut.data import to_model_input
 from digilut.manifest import read_manifest
-from digilut.model import build_model, gpu_required, load_model, save_model, select_device
-from digilut.predict import PredictConfig, amp_dtype, predict_patches
+from digilut.model import build_model, gpu_required, load_model, select_device
+from digilut.predict import PredictConfig, amp_dtype, predict_patches, safe_auroc
 from digilut.train import TrainConfig, _loss, train_fold
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,7 +130,7 @@ def test_gpu_flag_on_a_gpu_machine_picks_cuda() -> None:
 
 @pytest.mark.gpu
 def test_one_training_step_under_amp_matches_fp32(manifest: Path) -> None:
-    """bf16 autocast + channels-last: the loss before and after one AdamW step within 2 % of fp32."""
+    """bf16 autocast + channels-last: the loss before and after one AdamW step within 3 % of fp32."""
     dev = torch.device("cuda")
     rows = read_manifest(manifest).iloc[:32]
     from digilut.data import PatchDataset
@@ -157,22 +157,30 @@ def test_one_training_step_under_amp_matches_fp32(manifest: Path) -> None:
             loss.backward()
             opt.step()
         losses[amp] = seen
-    assert losses[True] == pytest.approx(losses[False], rel=0.02), losses
+    assert losses[True] == pytest.approx(losses[False], rel=0.03), losses
 
 
 @pytest.mark.gpu
 def test_ensemble_on_cuda_matches_the_cpu(manifest: Path, tmp_path: Path) -> None:
-    paths = []
-    for i in range(3):
-        torch.manual_seed(i)
-        paths.append(save_model(tmp_path / f"m{i}.pt", build_model(TINY.model_spec(), "none")))
+    """Two trained fold models: the ensemble on CUDA (pinned-memory loading) in fp32 within 1e-3 of
+    the CPU's probabilities, and with bf16 autocast + channels-last within 0.01, same AUROC ± 0.02."""
+    dev = torch.device("cuda")
+    results = [train_fold(manifest, k, tmp_path / f"fold{k}", TINY, dev) for k in (0, 1)]
+    files = [tmp_path / f"fold{r.fold}" / r.model_file for r in results]
     rows = read_manifest(manifest)
-    cfg = PredictConfig(batch_size=64, num_workers=0)
-    cpu = predict_patches(rows, manifest.parent, paths, cfg, CPU)
-    cuda = predict_patches(rows, manifest.parent, paths, cfg, torch.device("cuda"))  # bf16, channels-last
-    assert list(cuda["offset"]) == list(cpu["offset"])
-    diff = (cuda["prob"] - cpu["prob"]).abs()
-    assert diff.max() < 0.02, diff.describe()
+    cpu = predict_patches(rows, manifest.parent, files, PredictConfig(batch_size=64, num_workers=0), CPU)
+    for amp, tol in ((False, 1e-3), (True, 0.01)):
+        cfg = PredictConfig(batch_size=64, num_workers=1, amp=amp, channels_last=amp)
+        cuda = predict_patches(rows, manifest.parent, files, cfg, dev)
+        assert list(cuda["offset"]) == list(cpu["offset"])
+        diff = (cuda["prob"] - cpu["prob"]).abs()
+        assert diff.max() < tol, (amp, diff.describe())
+        labels = rows["label"].to_numpy()
+        auroc_cpu, auroc_cuda = (
+            safe_auroc(labels, cpu["prob"].to_numpy()),
+            safe_auroc(labels, cuda["prob"].to_numpy()),
+        )
+        assert auroc_cuda == pytest.approx(auroc_cpu, abs=0.02)
 
 
 @pytest.mark.gpu
