@@ -17,7 +17,7 @@ TAG ?= $(or $(DIGILUT_TAG),$(shell git rev-parse --short=12 HEAD 2>/dev/null || 
 export DIGILUT_REGISTRY := $(REGISTRY)
 export DIGILUT_TAG := $(TAG)
 
-.PHONY: help install reference-data apt test lint format bench demo compile images push submit clean print-images manifests-images lock docker-engine check-tag
+.PHONY: help install reference-data apt test lint format bench gpu-check demo compile images push submit clean print-images manifests-images lock docker-engine check-tag
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ format: install ## ruff autofix + format
 
 bench: install ## Benchmarks: extraction, boxes oracle, data loader/training (figures go to bench-out/)
 	$(PY) -m bench
+
+gpu-check: install ## On a machine with one NVIDIA GPU: the gpu tests + GPU benchmarks (< 8 min) -> bench-out/gpu-check/figures.json
+	$(PY) -m bench.gpu_check bench-out/gpu-check
 
 # --- container images (images/) and the image tag the manifests deploy (manifests/images) ---
 # SOURCE drops any user:token@ from the remote URL: labels are public.

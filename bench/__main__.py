@@ -17,7 +17,9 @@ import bench
 
 FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 logging.basicConfig(level=logging.INFO, format=FMT, datefmt="%H:%M:%S")
-parts = sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
+NOT_PARTS = {"gpu_check"}  # a script of its own: make gpu-check (tests + GPU benchmarks)
+modules = pkgutil.iter_modules(bench.__path__)
+parts = sorted(m.name for m in modules if not m.name.startswith("_") and m.name not in NOT_PARTS)
 chosen = sys.argv[1:] or parts
 unknown = [p for p in chosen if p not in parts]
 if unknown:

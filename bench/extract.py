@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from digilut.cpus import available_cpus
+
 
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -77,7 +79,7 @@ def main(out: Path) -> None:
 
     def ours() -> tuple[int, int, int]:
         shutil.rmtree(out / "ours", ignore_errors=True)
-        rep = prepare_dataset(single, out / "ours", cfg, workers=0, threads=os.cpu_count() or 1)
+        rep = prepare_dataset(single, out / "ours", cfg, workers=0, threads=available_cpus())
         shard = next((out / "ours" / "shards").iterdir())
         return rep.patches, shard.stat().st_size, len(list((out / "ours" / "shards").iterdir()))
 

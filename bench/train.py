@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from digilut.cpus import available_cpus
+
 TRAIN_PATIENTS, HELDOUT_PATIENTS, FOLDS = 12, 10, 3
 # The small CPU config of the quality run (2 cores): documented in the README.
 QUALITY = {
@@ -258,7 +260,7 @@ def bench_gpu(out: Path, manifest: Path, heldout: Path) -> dict[str, float]:
         )
     except Exception as err:  # compile needs a working toolchain: report, do not fail the bench
         print(f"torch.compile unavailable: {err}")
-    workers = min(16, os.cpu_count() or 1)
+    workers = min(16, available_cpus())
     rows = read_manifest(manifest)
     ds = PatchDataset(manifest.parent, rows, augment=True, seed=0)
     for name, amp in (("fp32", False), ("amp_cl", True)):

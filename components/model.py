@@ -54,7 +54,6 @@ def train_fold(
     cpu_threads: int = 0,
 ):
     """Train one fold's ResNet on a GPU (CPU without one); the model folder holds OOF predictions."""
-    import os
     import shutil
     from pathlib import Path
 
@@ -74,7 +73,7 @@ def train_fold(
         max_val_patches=max_val_patches,
         cpu_threads=cpu_threads,
     )
-    tracking = TrackingConfig(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""), experiment=experiment)
+    tracking = TrackingConfig.from_env(experiment)  # MLflow URI and TensorBoard logdir
     parent_run_id = Path(tracking_run.path).read_text().strip()
     result = train_step(
         Path(patches.path),

@@ -43,6 +43,11 @@ class TrainingInterrupted(DigilutError, RuntimeError):
     """Training stopped on SIGTERM after saving its state; running it again resumes."""
 
 
+class GpuUnavailableError(DigilutError, RuntimeError):
+    """A task scheduled on a GPU (``DIGILUT_REQUIRE_GPU=1``) finds no CUDA device: it fails rather
+    than train on the CPU for days while holding the GPU."""
+
+
 class ShardError(DigilutError, OSError):
     """A patch shard is missing, truncated or does not match its index."""
 

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import multiprocessing as mp
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -43,6 +42,7 @@ from digilut.annotations import (
     patient_of,
     read_boxes_csv,
 )
+from digilut.cpus import available_cpus
 from digilut.errors import ConfigError, DigilutError, SlideReadError, TissueNotFoundError
 from digilut.labels import LabelConfig, label_patches
 from digilut.manifest import EXTRACT_COLUMNS, MANIFEST_NAME, conform, write_manifest
@@ -512,7 +512,7 @@ def prepare_dataset(
     slides = [images / s for s in list_slides(images, problems=problems)]
     log.info("prepare: %d slides in %s -> %s (%s)", len(slides), images, out_dir, cfg)
     if threads is None:  # share the cores between the slides in flight
-        threads = max(1, (os.cpu_count() or 1) // max(1, min(workers, len(slides))))
+        threads = max(1, available_cpus() // max(1, min(workers, len(slides))))
     results = extract_slides(slides, out_dir, cfg, workers=workers, threads=threads, previous=previous)
     parts = [
         pd.read_parquet(out_dir / "parts" / f"{_stem(s)}.parquet")

@@ -23,6 +23,13 @@ GPU_TOLERATION: Final = MappingProxyType(
     {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 )
 
+# Set by the pipeline on every task that requests a GPU, to the node's name (downward API
+# spec.nodeName, a Kubernetes setting that kfp.local ignores, so local CPU runs are unaffected):
+# such a task fails at once when CUDA is unavailable (digilut.model.select_device), naming the node,
+# instead of training on the CPU. Any value but ""/0/false/no turns the check on.
+REQUIRE_GPU_ENV: Final = "DIGILUT_REQUIRE_GPU"
+REQUIRE_GPU_FIELD: Final = "spec.nodeName"
+
 # The numeric non-root user and group of both images (images/*/Dockerfile: USER 10001:10001), which
 # every pipeline task also sets in its securityContext (runAsNonRoot); KFP's backend adds
 # allowPrivilegeEscalation=false, drop ALL capabilities and seccomp RuntimeDefault itself.

@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,8 @@ import torch
 import torchvision
 from torch import nn
 
-from digilut.errors import ConfigError, DigilutError
+from digilut.errors import ConfigError, DigilutError, GpuUnavailableError
+from digilut.k8s import GPU_RESOURCE, REQUIRE_GPU_ENV
 from digilut.shards import atomic_write
 from digilut.train_config import ModelSpec
 
@@ -167,10 +170,49 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     return LoadedModel(model.to(device).eval(), spec, dict(blob.get("meta", {})), path)
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """The device to run on: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+def gpu_required(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process was scheduled on a GPU: ``DIGILUT_REQUIRE_GPU`` set to anything but
+    ""/0/false/no (the pipeline sets the node's name)."""
+    env = os.environ if environ is None else environ
+    return env.get(REQUIRE_GPU_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _cuda_diagnosis() -> str:
+    """Why torch sees no CUDA device, in the words of torch and of the environment."""
+    try:
+        torch.cuda.init()
+        reason = "torch.cuda.init() succeeded but no device is visible"
+    except Exception as err:  # torch raises AssertionError/RuntimeError with its own reason
+        reason = f"{type(err).__name__}: {err}"
+    names = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
+    visible = {k: os.environ[k] for k in names if k in os.environ}
+    return (
+        f"torch {torch.__version__} built for CUDA {torch.version.cuda or 'none (a CPU-only build)'}; "
+        f"{reason}; {', '.join(f'{k}={v!r}' for k, v in visible.items()) or 'no *_VISIBLE_DEVICES set'}"
+    )
+
+
+def select_device(name: str = "auto", environ: Mapping[str, str] | None = None) -> torch.device:
+    """The device to run on: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    With ``DIGILUT_REQUIRE_GPU`` set (the pipeline sets it on its GPU tasks, to the node name) a
+    missing CUDA device raises :class:`~digilut.errors.GpuUnavailableError` at once, naming what to
+    check, instead of falling back to the CPU; without it local CPU runs work as before.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if gpu_required(environ):
+            flag = (os.environ if environ is None else environ)[REQUIRE_GPU_ENV]
+            raise GpuUnavailableError(
+                f"{REQUIRE_GPU_ENV}={flag!r} (this task was scheduled on a GPU, on that node) but CUDA is "
+                f"unavailable: "
+                f"{_cuda_diagnosis()}. Check the node's NVIDIA driver (nvidia-smi on the node; the "
+                "image's CUDA must not be newer than the driver supports), that the NVIDIA device "
+                f"plugin / GPU operator runs there, and that the task requests {GPU_RESOURCE} "
+                f"(limit 1). Refusing to train on the CPU; unset {REQUIRE_GPU_ENV} to allow it."
+            )
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError as err:

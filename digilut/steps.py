@@ -33,11 +33,13 @@ import torch
 
 from digilut.annotations import check_slide_sizes
 from digilut.boxes import BoxesConfig
+from digilut.cpus import available_cpus
 from digilut.evaluate import Evaluation, evaluate_predictions
 from digilut.extract import ExtractConfig, PrepareReport, SlidePatches, extract_slides
 from digilut.ingest import BOXES_NAME, fetch_slides, ingest_data
 from digilut.labels import LabelConfig, label_patches
 from digilut.manifest import EXTRACT_COLUMNS, MANIFEST_NAME, conform, read_manifest, write_manifest
+from digilut.model import select_device
 from digilut.predict import PredictConfig, predict_patches
 from digilut.report import RunFigures, write_report
 from digilut.shards import atomic_write
@@ -51,8 +53,9 @@ PREDICTIONS_NAME = "predictions.parquet"
 
 
 def pick_device() -> torch.device:
-    """The device for training/prediction, chosen once per step: CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device for training/prediction, chosen once per step: CUDA when present, else CPU; a
+    task the pipeline put on a GPU (``DIGILUT_REQUIRE_GPU=1``) fails here when CUDA is missing."""
+    return select_device("auto")
 
 
 def _write_json(path: Path, data: object) -> None:
@@ -84,7 +87,7 @@ def extract_step(
                 paths.extend(fetch_slides(data_uri, [name], Path(tmp)).values())
             except (OSError, ValueError) as err:  # missing or unsafe slide: report, go on
                 results[name] = SlidePatches(name, "failed", error=f"{type(err).__name__}: {err}")
-        threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+        threads = max(1, available_cpus() // max(1, workers))
         results.update(extract_slides(paths, extracted, cfg, workers=workers, threads=threads))
     report = PrepareReport(results, sum(r.seconds for r in results.values()), cfg.__dict__.copy())
     atomic_write(extracted / "report.json", [report.to_json().encode()])

@@ -39,6 +39,7 @@ from digilut.errors import ConfigError, DigilutError
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
+TENSORBOARD_LOGDIR_ENV = "DIGILUT_TENSORBOARD_LOGDIR"  # set by the runtime ConfigMap (digilut.k8s)
 # MLflow error codes of a server that is up but cannot serve now: worth retrying later.
 _TRANSIENT_CODES = frozenset(
     {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
@@ -57,6 +58,11 @@ class TrackingConfig:
     retry_interval_s: float = 15.0  # wait between attempts while the server is unreachable
     flush_timeout_s: float = 60.0  # close() waits at most this long for the queue to drain
     max_buffered: int = 200_000  # calls kept while the server is down (oldest metrics dropped beyond)
+    # TensorBoard: each fold's event files are copied after every epoch to
+    # <tensorboard_logdir>/<tensorboard_run>/fold<k> (a folder or s3:// prefix; "" = kept in the fold's
+    # folder only). tensorboard_run "" = the MLflow parent run id (shared by a pipeline run's folds).
+    tensorboard_logdir: str = ""
+    tensorboard_run: str = ""
 
     def __post_init__(self) -> None:
         if self.request_timeout_s <= 0 or self.retry_interval_s <= 0 or self.flush_timeout_s < 0:
@@ -74,6 +80,29 @@ class TrackingConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.tracking_uri)
+
+    @classmethod
+    def from_env(
+        cls, experiment: str = "digilut", environ: Mapping[str, str] | None = None
+    ) -> TrackingConfig:
+        """``MLFLOW_TRACKING_URI`` and ``DIGILUT_TENSORBOARD_LOGDIR`` from the environment (a pod's
+        ConfigMap), as pipeline components build it."""
+        env = os.environ if environ is None else environ
+        return cls(
+            tracking_uri=env.get("MLFLOW_TRACKING_URI", ""),
+            experiment=experiment,
+            tensorboard_logdir=env.get(TENSORBOARD_LOGDIR_ENV, ""),
+        )
+
+    def tensorboard_dir(self, fold: int, parent_run_id: str | None) -> str:
+        """Where fold ``fold``'s event files go: ``<logdir>/<run>/fold<k>`` ("" = nowhere); the run
+        is ``tensorboard_run``, else the MLflow parent run id, else ``no-mlflow-run``."""
+        if not self.tensorboard_logdir:
+            return ""
+        run = self.tensorboard_run or parent_run_id or "no-mlflow-run"
+        if "/" in run or run in (".", ".."):
+            raise ConfigError(f"tensorboard_run={run!r}: a run name is one path segment (no '/')")
+        return f"{self.tensorboard_logdir.rstrip('/')}/{run}/fold{fold}"
 
 
 class RunHandle:

@@ -8,7 +8,9 @@ undersampling, ``sampled``) and validates on every patch of fold ``K``'s patient
     last.pt         full training state after the last finished epoch (resume point)
     oof.parquet     out-of-fold predictions: the validation rows + ``prob`` of the best model
     result.json     :class:`FoldResult` (history, best epoch, figures, MLflow run id)
-    tensorboard/    event files: loss, AUROC, learning rate, a grid of training patches
+    tensorboard/    event files: loss, AUROC, learning rate, a grid of training patches; copied
+                    after every epoch to the tracking config's ``tensorboard_dir`` (e.g.
+                    ``s3://bucket/tensorboard/<run>/fold<k>``, where the TensorBoard server reads)
 
 Every file is written atomically. Re-running the same command resumes from ``last.pt`` (the same
 MLflow run continues), and returns at once when the fold has already finished. Runs are
@@ -25,6 +27,7 @@ import json
 import logging
 import math
 import pickle
+import shutil
 import signal
 import threading
 import time
@@ -40,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
+from digilut.cpus import available_cpus
 from digilut.data import PatchDataset, make_loader, make_sampler, to_model_input
 from digilut.errors import ConfigError, DigilutError, TrainingInterrupted
 from digilut.manifest import read_manifest, write_manifest
@@ -231,6 +235,36 @@ def _sigterm_saves_state(enabled: bool) -> Iterator[_StopRequest]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def sync_events(tensorboard_dir: Path, dest: str) -> None:
+    """Copy a fold's event files to ``dest`` (a folder or ``s3://`` prefix; unchanged files are
+    skipped). A failure is logged, not raised: TensorBoard must not stop training."""
+    if not dest or not tensorboard_dir.is_dir():
+        return
+    try:
+        if dest.startswith("s3://"):
+            from digilut.ingest import s3_target
+            from digilut.storage import upload_dir
+
+            cfg, prefix = s3_target(dest)
+            upload_dir(cfg, tensorboard_dir, prefix)
+        else:
+            shutil.copytree(tensorboard_dir, dest, dirs_exist_ok=True)
+    except (OSError, DigilutError) as err:
+        log.warning("tensorboard: copying %s to %s failed (%s); training goes on", tensorboard_dir, dest, err)
+
+
+def _cuda_rng(device: torch.device) -> torch.Tensor | None:
+    """The CUDA generator's state (dropout draws on the GPU from it), or None on the CPU."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_cuda_rng(saved: dict[str, Any], device: torch.device) -> None:
+    """Restore the CUDA generator saved by :func:`_cuda_rng`, so that a fold resumed on a GPU
+    draws the same dropout masks as an uninterrupted run."""
+    if device.type == "cuda" and saved.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(saved["cuda_rng"], device)
+
+
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -282,8 +316,10 @@ def train_fold(
     :class:`~digilut.errors.TrainingInterrupted`; a re-run resumes at that batch and ends with the
     same weights as an uninterrupted run. ``on_checkpoint(out_dir)`` is called after every saved
     state and after ``result.json`` (e.g. to copy the folder where a new pod finds it: see
-    :func:`digilut.steps.train_step`). A finished fold is reused only when ``model.pt`` still has
-    the content recorded in ``result.json`` and the fold's rows are the same (content hashes).
+    :func:`digilut.steps.train_step`). The event files are copied at the same points to
+    ``tracker.cfg.tensorboard_dir(fold, parent run id)`` when the tracking config names a logdir.
+    A finished fold is reused only when ``model.pt`` still has the content recorded in
+    ``result.json`` and the fold's rows are the same (content hashes).
     """
     t_start = time.perf_counter()
     manifest = Path(manifest)
@@ -315,6 +351,8 @@ def train_fold(
         # Folds that share a machine's cores (kfp.local runs them side by side) must not each
         # start one OpenMP thread per core: oversubscribed, they ran 10× slower here.
         torch.set_num_threads(cfg.cpu_threads)
+    elif device.type == "cpu" and torch.get_num_threads() > (cpus := available_cpus()):
+        torch.set_num_threads(cpus)  # torch's default is the node's cores, not the pod's CPU limit
     use_cuda = device.type == "cuda"
     use_amp = cfg.amp and use_cuda
     channels_last = cfg.channels_last and use_cuda
@@ -344,6 +382,7 @@ def train_fold(
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
+        _set_cuda_rng(state, device)
         history = list(state["history"])
         best_auroc, best_loss, best_epoch = state["best_auroc"], state["best_loss"], state["best_epoch"]
         bad_epochs, start_epoch, run_id = state["bad_epochs"], state["epoch"] + 1, state["mlflow_run_id"]
@@ -388,6 +427,14 @@ def train_fold(
     first_step = partial["step"] if partial is not None else 0
     purge = start_epoch * steps_per_epoch + first_step
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge or None)
+    events_dest = tracker.cfg.tensorboard_dir(fold, parent.run_id if parent else None)
+    if events_dest:
+        log.info("fold %d: TensorBoard events go to %s", fold, events_dest)
+
+    def publish_events() -> None:
+        writer.flush()
+        sync_events(out_dir / "tensorboard", events_dest)
+
     log.info(
         "fold %d: %d training patches (%d positive), %d validation patches (%d positive), %s × %d epochs, "
         "%d steps/epoch on %s (amp=%s, channels_last=%s)",
@@ -429,6 +476,7 @@ def train_fold(
             "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(),
             "rng": torch.get_rng_state(),
+            "cuda_rng": _cuda_rng(device),
             "history": history,
             "best_auroc": best_auroc,
             "best_loss": best_loss,
@@ -468,6 +516,7 @@ def train_fold(
                 batches = iter(loader)  # draws the loader's base seed from the global RNG
                 if partial is not None:
                     torch.set_rng_state(partial["rng"])  # as it was after the last batch done
+                    _set_cuda_rng(partial, device)
                     partial = None
                 for step, batch in enumerate(batches, start=first_step):
                     x = to_model_input(
@@ -506,9 +555,10 @@ def train_fold(
                             "seen": seen,
                             "generator": gen.get_state(),
                             "rng": torch.get_rng_state(),
+                            "cuda_rng": _cuda_rng(device),
                         }
                         _save_state(state_path, snapshot(epoch - 1, mid))
-                        writer.flush()
+                        publish_events()
                         if on_checkpoint:
                             on_checkpoint(out_dir)
                         raise TrainingInterrupted(
@@ -583,8 +633,8 @@ def train_fold(
                     row["epoch_s"],
                 )
                 _save_state(state_path, snapshot(epoch, None))
+                publish_events()
                 if on_checkpoint:
-                    writer.flush()
                     on_checkpoint(out_dir)
                 if sigterm.signal is not None and not finished:  # signalled during validation
                     raise TrainingInterrupted(
@@ -608,6 +658,7 @@ def train_fold(
         writer.close()
         raise
     writer.close()
+    sync_events(out_dir / "tensorboard", events_dest)
     if best_epoch < 0:
         raise DigilutError(f"fold {fold}: no epoch finished (max_epochs_this_run={max_epochs_this_run})")
     result = FoldResult(

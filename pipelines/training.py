@@ -70,6 +70,7 @@ def on_gpu(task: dsl.PipelineTask, *, cpu: str = "8", memory: str = "48Gi") -> d
     for key, value in k8s.GPU_NODE_SELECTOR.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     kubernetes.add_toleration(task, **dict(k8s.GPU_TOLERATION))
+    kubernetes.use_field_path_as_env(task, env_name=k8s.REQUIRE_GPU_ENV, field_path=k8s.REQUIRE_GPU_FIELD)
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
     task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="600s")
     return task
