@@ -10,30 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from slide_fixtures import resolution, write_pyramid
 
 from digilut.extract import ExtractConfig, extract_slide
 from digilut.slide import LevelReader, read_slide_info
 from digilut.synth import SynthConfig, plan_slide, write_slide
-from digilut.tissue import shrink, tissue_mask
+from digilut.tissue import tissue_mask
 
 MPP = 0.25
 BORDER_PX = 400  # a black scan border along the top and left edges, level-0 px
-
-
-def _res(mpp: float) -> dict[str, object]:
-    return {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
-
-
-def write_pyramid(path: Path, level0: np.ndarray, *, levels: int = 3, subifds: bool = False) -> Path:
-    """``level0`` as a tiled JPEG pyramid halving ``levels - 1`` times: reduced levels as pages of
-    their own (``subfiletype=1``) or, with ``subifds``, as SubIFDs of the base page (OME style)."""
-    with tifffile.TiffWriter(path) as tif:
-        opts = {"tile": (256, 256), "compression": "jpeg", "photometric": "rgb", "metadata": None}
-        tif.write(level0, subifds=levels - 1 if subifds else 0, **opts, **_res(MPP))
-        for k in range(1, levels):
-            small = shrink(level0, max(level0.shape[:2]) // 2**k)
-            tif.write(small, subfiletype=1, **opts, **_res(MPP * 2**k))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +37,9 @@ def bordered(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
 def test_black_scan_border_is_not_tissue_on_tiled_and_striped_slides(bordered: np.ndarray, tmp_path: Path):
     tiled = write_pyramid(tmp_path / "tiled_a.tif", bordered)
     striped = tmp_path / "striped_a.tif"
-    tifffile.imwrite(striped, bordered, rowsperstrip=64, compression="jpeg", photometric="rgb", **_res(MPP))
+    tifffile.imwrite(
+        striped, bordered, rowsperstrip=64, compression="jpeg", photometric="rgb", **resolution(MPP)
+    )
     assert not read_slide_info(striped).levels[0].tiled
     rows = {}
     for path in (tiled, striped):
