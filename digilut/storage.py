@@ -271,7 +271,7 @@ def upload_file(cfg: S3Config, path: str | Path, key: str, *, progress: Progress
 
 
 def download_file(cfg: S3Config, key: str, path: str | Path, *, progress: Progress | None = None) -> Path:
-    """Download ``key`` to ``path`` atomically (temporary file, checks, rename); return ``path``.
+    """Download ``key`` to ``path`` atomically (temporary file beside it, rename); return ``path``.
 
     Ranged GETs pinned to the object's ETag; a range whose connection breaks mid-way is fetched
     again (its bytes reported to ``progress`` as negative first).

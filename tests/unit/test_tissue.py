@@ -14,7 +14,6 @@ from slide_fixtures import resolution, write_pyramid
 
 from digilut.extract import ExtractConfig, extract_slide
 from digilut.slide import LevelReader, read_slide_info
-from digilut.synth import SynthConfig, plan_slide, write_slide
 from digilut.tissue import tissue_mask
 
 MPP = 0.25
@@ -22,13 +21,9 @@ BORDER_PX = 400  # a black scan border along the top and left edges, level-0 px
 
 
 @pytest.fixture(scope="module")
-def bordered(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+def bordered(tiny_data: Path) -> np.ndarray:
     """A synthetic slide's level 0 (4096×3072 px) with a 400-px black scan border on two sides."""
-    d = tmp_path_factory.mktemp("tissue")
-    path = write_slide(plan_slide("b_a.tif", SynthConfig(), seed=3, positive=True), d / "b_a.tif")
-    info = read_slide_info(path)
-    with LevelReader(info, 0) as reader:
-        level0 = reader.read(0, 0, info.width, info.height)
+    level0 = tifffile.imread(sorted((tiny_data / "images").iterdir())[0])
     level0[:BORDER_PX] = 0
     level0[:, :BORDER_PX] = 0
     return level0
