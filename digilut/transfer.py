@@ -281,26 +281,20 @@ def abort_incomplete(client: Any, cfg: S3Config, prefix: str, *, exact: bool) ->
     return n
 
 
-class _Subscriber:
-    """Forwards s3transfer's progress to a :data:`Progress` callback."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-
-    def on_queued(self, **_: Any) -> None:
-        pass
-
-    def on_progress(self, bytes_transferred: int, **_: Any) -> None:
-        self.progress(bytes_transferred)
-
-    def on_done(self, **_: Any) -> None:
-        pass
-
-
-def _manager(client: Any, config: Any) -> Any:
+def _manager(client: Any, config: Any, progress: Progress | None) -> tuple[Any, list[Any] | None]:
+    """An s3transfer ``TransferManager`` and the subscribers that forward its progress."""
     from s3transfer.manager import TransferManager
+    from s3transfer.subscribers import BaseSubscriber
 
-    return TransferManager(client, config)
+    if progress is None:
+        return TransferManager(client, config), None
+    report = progress
+
+    class Forward(BaseSubscriber):
+        def on_progress(self, bytes_transferred: int, **_: Any) -> None:
+            report(bytes_transferred)
+
+    return TransferManager(client, config), [Forward()]
 
 
 def put_file(client: Any, cfg: S3Config, path: Path, key: str, progress: Progress | None) -> None:
@@ -323,8 +317,8 @@ def put_file(client: Any, cfg: S3Config, path: Path, key: str, progress: Progres
             if is_transient(err):
                 raise storage_error(cfg, what, err) from err
             log.warning("cannot list incomplete uploads of %s (%s); not cleaning them", cfg.uri(key), err)
-    subscribers = [_Subscriber(progress)] if progress else None
-    with _manager(client, transfer_config(cfg, part)) as manager:
+    manager, subscribers = _manager(client, transfer_config(cfg, part), progress)
+    with manager:
         future = manager.upload(str(path), cfg.bucket, key, subscribers=subscribers)
         try:
             future.result()
@@ -374,9 +368,9 @@ def get_files(
     Each file is written to a temporary file beside ``path`` and renamed when complete; ranges are
     pinned to the object's ETag. A missing key names it; nothing is left at a failed ``path``.
     """
-    subscribers = [_Subscriber(progress)] if progress else None
     total = 0
-    with _manager(client, transfer_config(cfg)) as manager:
+    manager, subscribers = _manager(client, transfer_config(cfg), progress)
+    with manager:
         futures = []
         for key, path in items:
             path.parent.mkdir(parents=True, exist_ok=True)
