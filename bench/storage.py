@@ -1,8 +1,11 @@
-"""Uploads through an S3 outage: boto3's transfer manager vs :func:`digilut.storage.upload_file`.
+"""Uploads through an S3 outage: boto3's ``upload_file`` with botocore's retry modes vs
+:func:`digilut.storage.upload_file` (the same s3transfer, with :class:`digilut.transfer.Patience`).
 
 A local SeaweedFS server is SIGKILLed 1.5 s into a 512 MiB upload and restarted 1 s later (as a
 pod restart of an object store would do), then the object is downloaded and compared. Also the
-throughput of each client with no outage. Each run gets a fresh server.
+throughput of each client with no outage. Each run gets a fresh server. Tried: botocore's legacy
+mode (boto3's default, 5 attempts, and 10 attempts: no retry quota, uncapped backoff) and standard
+mode with 10 attempts (its retry quota is shared by the client's threads).
 """
 
 from __future__ import annotations
@@ -98,10 +101,14 @@ def main(out: Path) -> None:
         clients: list[tuple[str, Callable]] = [
             ("boto3 defaults", lambda c, p, k: _boto3_upload(c, p, k, retries={"mode": "legacy"})),
             (
+                "boto3 legacy, 10 attempts",
+                lambda c, p, k: _boto3_upload(c, p, k, retries={"mode": "legacy", "max_attempts": 10}),
+            ),
+            (
                 "boto3 standard, 10 attempts",
                 lambda c, p, k: _boto3_upload(c, p, k, retries={"mode": "standard", "max_attempts": 10}),
             ),
-            ("digilut upload_file", lambda c, p, k: upload_file(c, p, k)),
+            ("digilut upload_file (s3transfer+Patience)", lambda c, p, k: upload_file(c, p, k)),
         ]
         rows = [_run(name, fn, src, work, outage=False) for name, fn in clients]
         rows += [_run(f"{name} + outage", fn, src, work, outage=True) for name, fn in clients]

@@ -48,15 +48,14 @@ from digilut.labels import LabelConfig, label_patches
 from digilut.manifest import EXTRACT_COLUMNS, MANIFEST_NAME, conform, write_manifest
 from digilut.shards import atomic_write, file_sha256, write_shard
 from digilut.slide import CACHE_BYTES, LevelReader, SlideInfo, choose_level, read_slide_info
-from digilut.tissue import fast_tissue_mask, threshold_tissue_mask
+from digilut.tissue import shrink, tissue_mask
 
 log = logging.getLogger(__name__)
 THUMB_PX = 1024
-# A level with more pixels than this is never decoded whole: the thumbnail and the tissue mask then
-# come from a streamed, shrunk copy (non-pyramidal slides), and pyFAST (which would read it whole) is
-# not used. 64 Mpx ≈ 192 MiB of RGB.
+# A level with more pixels than this is never decoded whole: the thumbnail and pyFAST's tissue mask
+# then come from a streamed, shrunk copy (non-pyramidal slides). 64 Mpx ≈ 192 MiB of RGB.
 MAX_WHOLE_LEVEL_PX = 64 * 2**20
-MASK_PX = 4096  # long side of the streamed image the fallback tissue mask is computed on
+MASK_PX = 4096  # long side (at most) of the overview pyFAST segments tissue on
 # A tissue patch whose mean colour differs from the same region of a coarser level by more than
 # this (0-255, any channel) holds garbled pixels: the pyramid is redundant, so a tile that decodes
 # without error but to wrong pixels (zeroed or corrupted JPEG data: libjpeg fills it with grey)
@@ -249,19 +248,16 @@ def extract_slide(
             if small
             else coarse_reader.read_shrunk(min(MASK_PX, math.isqrt(max_level_px)))
         )
-    if small and all(lv.tiled for lv in info.levels):
-        mask = fast_tissue_mask(slide_path, info.width, info.height, threshold=cfg.tissue_threshold)
-    else:
+    if not small:
         log.info(
-            "%s: %s; tissue mask from a streamed %d×%d copy (pyFAST's colour rule)",
+            "%s: coarsest level %d×%d px is too large to read whole; overview streamed at %d×%d",
             name,
-            "stored in strips, which pyFAST cannot open"
-            if not all(lv.tiled for lv in info.levels)
-            else f"coarsest level {coarsest.width}×{coarsest.height} px is too large to read whole",
+            coarsest.width,
+            coarsest.height,
             overview.shape[1],
             overview.shape[0],
         )
-        mask = threshold_tissue_mask(overview, info.width, info.height, threshold=cfg.tissue_threshold)
+    mask = tissue_mask(shrink(overview, MASK_PX), info.width, info.height, threshold=cfg.tissue_threshold)
     tissue = mask.fractions(x0, y0, np.full_like(x0, side0), np.full_like(y0, side0))
     keep = np.flatnonzero(tissue >= cfg.min_tissue_fraction)
     thumb_im = Image.fromarray(overview)

@@ -1,5 +1,8 @@
 """Reading pyramidal TIFF slides: metadata, level choice and fast region reads.
 
+The pyramid is tifffile's ``series[0].levels`` (generic TIFF with reduced pages, SubIFD pyramids,
+SVS, NDPI, Philips, OME): label, macro and thumbnail images are series of their own, never levels.
+
 Pixels come straight from the TIFF's JPEG tiles (or strips) through tifffile + libjpeg-turbo
 (imagecodecs), each tile decoded once and cached while a patch grid sweeps over it. This is ~3×
 faster than reading patch by patch through OpenSlide or pyFAST's PatchGenerator, and it raises on
@@ -43,8 +46,8 @@ class Level:
     width: int
     height: int
     downsample: float  # level-0 px per level px, from the real sizes (W0 / W)
-    page_index: int
-    tiled: bool = True  # False: stored in strips (OpenSlide, hence pyFAST, cannot open it)
+    series_level: int  # index in tifffile's ``series[0].levels``
+    tiled: bool = True  # False: stored in strips (read strip by strip; OpenSlide cannot open it)
 
 
 @dataclass(frozen=True)
@@ -106,23 +109,21 @@ def read_slide_info(path: str | Path, *, mpp: float | None = None) -> SlideInfo:
         raise SlideReadError(f"{path}: empty file (0 bytes)")
     try:
         with tifffile.TiffFile(path) as tif:
-            pages = [p for p in tif.pages if p.shape and len(p.shape) >= 2]
-            if not pages:
+            # tifffile builds the pyramid (generic TIFF, SVS, NDPI, Philips, OME, SubIFDs) and keeps
+            # label, macro and thumbnail images in series of their own.
+            if not tif.series:
                 raise SlideReadError(f"{path}: TIFF has no image pages")
-            base = pages[0]
-            h0, w0 = int(base.shape[0]), int(base.shape[1])
+            pyramid = tif.series[0].levels
+            base = pyramid[0].keyframe
+            h0, w0 = int(base.imagelength), int(base.imagewidth)
             levels = []
-            for i, p in enumerate(tif.pages):
-                if not p.shape or len(p.shape) < 2 or p.samplesperpixel < 3:
+            for i, lv in enumerate(pyramid):
+                page = lv.keyframe
+                if page.samplesperpixel < 3 or page.imagewidth < 1 or page.imagelength < 1:
                     continue
-                h, w = int(p.shape[0]), int(p.shape[1])
-                # Levels: the base and reduced-resolution pages that keep the base's aspect ratio.
-                if p is not base and (p.subfiletype & 1) == 0 and levels:
-                    continue
-                if abs(w0 / w - h0 / h) > 0.02 * (w0 / w):
-                    continue  # label/macro images
-                levels.append(Level(len(levels), w, h, w0 / w, i, bool(p.is_tiled)))
-                _check_data_in_file(path, p, len(levels) - 1)
+                w, h = int(page.imagewidth), int(page.imagelength)
+                levels.append(Level(len(levels), w, h, w0 / w, i, bool(page.is_tiled)))
+                _check_data_in_file(path, page, len(levels) - 1)
             file_mpp = _page_mpp(base)
     except SlideReadError:
         raise
@@ -146,6 +147,9 @@ def read_slide_info(path: str | Path, *, mpp: float | None = None) -> SlideInfo:
     if not MPP_RANGE[0] <= chosen <= MPP_RANGE[1]:
         raise SlideMetadataError(
             f"{path}: mpp={chosen:g} µm/px is outside the plausible range {MPP_RANGE[0]}–{MPP_RANGE[1]}"
+            + ("" if mpp is not None else " (read from the file)")
+            + "; pass the right one explicitly, e.g. `digilut prepare --slide-mpp 0.25` (DigiLut slides "
+            "are 0.25 µm/px, 40x)"
         )
     side_mm = max(w0, h0) * chosen / 1000
     if side_mm > MAX_SLIDE_SIDE_MM:
@@ -206,7 +210,7 @@ class LevelReader:
         self.level = info.levels[level]
         self._tif = tifffile.TiffFile(info.path)
         self._fh = self._tif.filehandle
-        page = self._tif.pages[self.level.page_index]
+        page = self._tif.series[0].levels[self.level.series_level].keyframe
         self._page = page
         self._file_size = info.path.stat().st_size
         if page.is_tiled:

@@ -1,8 +1,9 @@
 """S3 object storage: settings, listing and transfers of files and folders that survive outages.
 
 Every function takes an :class:`S3Config` and creates its boto3 client inside (never at import).
-Uploads and downloads retry each request through an S3 outage of up to ``retry_timeout_s``, abort
-what they leave behind, and write local files atomically: see :mod:`digilut.transfer`.
+Transfers run on s3transfer; every request (part, range, listing page, abort) is retried through an
+S3 outage of up to ``retry_timeout_s``, failed uploads are aborted and local files are written
+atomically: see :mod:`digilut.transfer`. Listings use boto3's paginators.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,11 @@ from typing import Any
 from digilut.errors import ConfigError, StorageError, UnsafePathError
 from digilut.transfer import (
     Progress,
-    Retrier,
     abort_incomplete,
     error_code,
     file_etag,
-    get_file,
+    get_files,
+    make_patient,
     put_file,
     storage_error,
 )
@@ -163,23 +163,27 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def s3_client(cfg: S3Config, *, max_attempts: int = 2) -> Any:
-    """A boto3 S3 client for ``cfg``: path-style addressing, ``max_attempts`` tries per request in
-    botocore (the transfers here retry through outages on top of that, see :mod:`digilut.transfer`)."""
+def s3_client(cfg: S3Config, *, max_attempts: int | None = None) -> Any:
+    """A boto3 S3 client for ``cfg`` with path-style addressing.
+
+    By default it is patient: botocore tries each request once and :class:`digilut.transfer.Patience`
+    retries it through an outage of up to ``retry_timeout_s``. ``max_attempts`` instead gives a
+    plain client with botocore's own retries and that many attempts (health checks that must fail
+    fast)."""
     import boto3
     from botocore.config import Config
 
     config = Config(
         connect_timeout=cfg.connect_timeout_s,
         read_timeout=cfg.read_timeout_s,
-        retries={"mode": "standard", "total_max_attempts": max_attempts},
+        retries={"mode": "standard", "total_max_attempts": max_attempts or 1},
         s3={"addressing_style": "path"},
         signature_version="s3v4",
         max_pool_connections=max(10, 2 * cfg.max_concurrency),
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    return boto3.session.Session().client(
+    client = boto3.session.Session().client(
         "s3",
         endpoint_url=cfg.endpoint_url,
         region_name=cfg.region,
@@ -187,6 +191,7 @@ def s3_client(cfg: S3Config, *, max_attempts: int = 2) -> Any:
         aws_secret_access_key=cfg.secret_access_key,
         config=config,
     )
+    return client if max_attempts is not None else make_patient(client, cfg.retry_timeout_s)
 
 
 def _same(path: Path, obj: ObjectInfo, cfg: S3Config) -> bool:
@@ -223,25 +228,17 @@ def check_bucket(cfg: S3Config, *, timeout_s: float = 3.0) -> None:
         raise StorageError(f"S3 endpoint unreachable: cannot reach bucket {cfg.where}: {err}") from err
 
 
-def _iter_objects(client: Any, cfg: S3Config, prefix: str, retry: Retrier) -> Iterator[ObjectInfo]:
-    token: str | None = None
-    while True:
-        kwargs = {"Bucket": cfg.bucket, "Prefix": prefix}
-        if token:
-            kwargs["ContinuationToken"] = token
-        page = retry(f"list {cfg.uri(prefix)}", lambda kw=kwargs: client.list_objects_v2(**kw))
+def _iter_objects(client: Any, cfg: S3Config, prefix: str) -> Iterator[ObjectInfo]:
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=cfg.bucket, Prefix=prefix):
         for item in page.get("Contents", []):
             yield ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")).strip('"'))
-        if not page.get("IsTruncated"):
-            return
-        token = page["NextContinuationToken"]
 
 
 def list_objects(cfg: S3Config, prefix: str = "") -> list[ObjectInfo]:
     """Objects whose key starts with ``prefix`` (a plain string prefix, ``""`` for all), by key."""
     client = s3_client(cfg)
     try:
-        return list(_iter_objects(client, cfg, prefix, Retrier(cfg)))
+        return list(_iter_objects(client, cfg, prefix))
     except Exception as err:
         raise storage_error(cfg, f"list {cfg.uri(prefix)}", err) from err
 
@@ -256,7 +253,7 @@ def abort_incomplete_uploads(cfg: S3Config, prefix: str = "", *, exact: bool = F
     return how many. Their parts otherwise stay stored (and billed) but invisible."""
     client = s3_client(cfg)
     try:
-        return abort_incomplete(client, cfg, prefix, Retrier(cfg), exact=exact)
+        return abort_incomplete(client, cfg, prefix, exact=exact)
     except Exception as err:
         raise storage_error(cfg, f"abort incomplete uploads under {cfg.uri(prefix)}", err) from err
 
@@ -264,8 +261,8 @@ def abort_incomplete_uploads(cfg: S3Config, prefix: str = "", *, exact: bool = F
 def upload_file(cfg: S3Config, path: str | Path, key: str, *, progress: Progress | None = None) -> str:
     """Upload the file ``path`` to ``key``; return its ``s3://`` URI.
 
-    Files above ``part_size_mb`` go multipart with ``max_concurrency`` parts in flight, each part
-    retried through outages of up to ``retry_timeout_s`` (see the module docstring).
+    Files above ``part_size_mb`` go multipart with ``max_concurrency`` parts in flight, each request
+    retried through outages of up to ``retry_timeout_s`` (see :mod:`digilut.transfer`).
     """
     path = Path(path)
     client = s3_client(cfg)
@@ -274,14 +271,14 @@ def upload_file(cfg: S3Config, path: str | Path, key: str, *, progress: Progress
 
 
 def download_file(cfg: S3Config, key: str, path: str | Path, *, progress: Progress | None = None) -> Path:
-    """Download ``key`` to ``path`` atomically (temporary file, checks, rename); return ``path``.
+    """Download ``key`` to ``path`` atomically (temporary file beside it, rename); return ``path``.
 
-    A connection lost mid-way resumes from the last byte written (ranged GET pinned to the ETag);
-    the size, and the MD5 when the ETag is one, are checked before the rename.
+    Ranged GETs pinned to the object's ETag; a range whose connection breaks mid-way is fetched
+    again (its bytes reported to ``progress`` as negative first).
     """
     path = Path(path)
     client = s3_client(cfg)
-    get_file(client, cfg, key, path, Retrier(cfg), progress)
+    get_files(client, cfg, [(key, path)], progress)
     return path
 
 
@@ -307,13 +304,12 @@ def upload_dir(
     if not local_dir.is_dir():
         raise FileNotFoundError(f"{local_dir}: not a folder")
     client = s3_client(cfg)
-    retry = Retrier(cfg)
     base = prefix.strip("/")
     report = TransferReport()
     t0 = time.monotonic()
     try:
         remote = (
-            {o.key: o for o in _iter_objects(client, cfg, f"{base}/" if base else "", retry)}
+            {o.key: o for o in _iter_objects(client, cfg, f"{base}/" if base else "")}
             if skip_existing
             else {}
         )
@@ -366,10 +362,9 @@ def download_prefix(
     base = prefix.strip("/")
     folder = f"{base}/" if base else ""
     client = s3_client(cfg)
-    retry = Retrier(cfg)
     t0 = time.monotonic()
     try:
-        objects = [o for o in _iter_objects(client, cfg, folder, retry) if not o.key.endswith("/")]
+        objects = [o for o in _iter_objects(client, cfg, folder) if not o.key.endswith("/")]
     except Exception as err:
         raise storage_error(cfg, f"list {cfg.uri(folder)}", err) from err
     todo: list[tuple[ObjectInfo, Path]] = []
@@ -380,11 +375,8 @@ def download_prefix(
             report.skipped.append(obj.key)
         else:
             todo.append((obj, dest))
-    with ThreadPoolExecutor(cfg.max_concurrency, thread_name_prefix="digilut-s3") as pool:
-        for obj, _ in todo:
-            report.transferred.append(obj.key)
-        sizes = pool.map(lambda od: get_file(client, cfg, od[0].key, od[1], retry, progress), todo)
-        report.nbytes = sum(sizes)
+    report.transferred = [obj.key for obj, _ in todo]
+    report.nbytes = get_files(client, cfg, [(obj.key, dest) for obj, dest in todo], progress)
     report.seconds = time.monotonic() - t0
     log.info(
         "download %s -> %s: %d files (%.1f MB) in %.1f s, %d already there",

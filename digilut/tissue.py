@@ -1,15 +1,17 @@
 """Tissue masks with pyFAST (colour thresholding), and tissue fractions of a patch grid.
 
-pyFAST is imported inside the function (it prints a banner, starts threads and compiles OpenCL
-kernels on first use): nothing happens at import time. Its default ``TissueSegmentation`` downloads
-a neural network at run time; we use its offline colour-thresholding method.
+pyFAST segments every slide's tissue, from an overview image in memory: the reader here streams it
+(a pyramid's coarsest level, or a shrunk copy of a striped/non-pyramidal slide, which pyFAST's own
+importer cannot open or would read whole). pyFAST is imported inside the function (it prints a
+banner, starts threads and compiles OpenCL kernels on first use): nothing happens at import time.
+Its default ``TissueSegmentation`` downloads a neural network at run time; we use its offline
+colour-thresholding method.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -39,8 +41,20 @@ class TissueMask:
         return (inside / area).astype(np.float32)
 
 
-def fast_tissue_mask(
-    path: str | Path,
+def shrink(rgb: np.ndarray, max_side_px: int) -> np.ndarray:
+    """``rgb`` shrunk by the smallest integer factor that brings its long side to ≤ ``max_side_px``
+    (box mean; the last rows/columns that do not fill a box are dropped)."""
+    f = max(1, -(-max(rgb.shape[:2]) // max_side_px))
+    if f == 1:
+        return rgb
+    h, w = rgb.shape[0] // f, rgb.shape[1] // f
+    block = rgb[: h * f, : w * f].reshape(h, f, w, f, 3)
+    total = block.sum(axis=3, dtype=np.uint32).sum(axis=1)
+    return ((total + f * f // 2) // (f * f)).astype(np.uint8)
+
+
+def tissue_mask(
+    rgb: np.ndarray,
     slide_width: int,
     slide_height: int,
     *,
@@ -48,46 +62,34 @@ def fast_tissue_mask(
     dilation_px: int = 9,
     erosion_px: int = 9,
 ) -> TissueMask:
-    """Segment tissue with pyFAST's colour-thresholding ``TissueSegmentation``.
+    """Segment tissue on ``rgb``, a whole-slide overview held in memory, with pyFAST's
+    colour-thresholding ``TissueSegmentation`` (``fast.Image.createFromArray``).
 
-    ``threshold`` is FAST's distance from white (255,255,255) above which a pixel is tissue.
+    A pixel is tissue when its distance from white (255,255,255) exceeds ``threshold`` and it is not
+    pure black (scan borders); the mask is then dilated by ``dilation_px`` and eroded by
+    ``erosion_px`` (mask pixels). The overview is the slide's coarsest level or a streamed, shrunk
+    copy of it (see :func:`digilut.extract.extract_slide`), so every slide — tiled, striped or
+    non-pyramidal — gets the same rule; on a tiled pyramid the mask equals pyFAST's own
+    ``WholeSlideImageImporter`` result (tested).
     """
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"tissue_mask needs an H×W×3 uint8 RGB image, got {rgb.shape} {rgb.dtype}")
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     import fast
 
     fast.Reporter.setGlobalReportMethod(fast.Reporter.NONE)
     try:
-        importer = fast.WholeSlideImageImporter.create(str(path))
+        image = fast.Image.createFromArray(np.ascontiguousarray(rgb))
         seg = fast.TissueSegmentation.create(
             useColorThresholdingMethod=True,
             threshold=threshold,
             dilationSize=dilation_px,
             erosionSize=erosion_px,
-        ).connect(importer)
-        out = seg.runAndGetOutputData()
-        mask = np.asarray(out)
+        ).connect(image)
+        mask = np.asarray(seg.runAndGetOutputData())
     except RuntimeError as err:
-        raise SlideReadError(f"{path}: pyFAST tissue segmentation failed ({err})") from err
+        raise SlideReadError(
+            f"pyFAST tissue segmentation of a {rgb.shape[1]}×{rgb.shape[0]} overview failed ({err})"
+        ) from err
     mask = mask.reshape(mask.shape[0], mask.shape[1]) > 0
-    return TissueMask(mask, slide_width / mask.shape[1], slide_height / mask.shape[0])
-
-
-def threshold_tissue_mask(
-    rgb: np.ndarray, slide_width: int, slide_height: int, *, threshold: int = 85, closing_px: int = 2
-) -> TissueMask:
-    """Tissue mask of a small whole-slide image by pyFAST's colour rule, without pyFAST.
-
-    A pixel is tissue when its distance from white exceeds ``threshold`` (the rule of pyFAST's
-    colour-thresholding ``TissueSegmentation``), then holes of ``closing_px`` are closed. Used for
-    slides pyFAST cannot open or would read whole (striped or non-pyramidal TIFFs): ``rgb`` is then a
-    streamed, shrunk copy of the slide, so memory stays bounded.
-    """
-    from scipy import ndimage
-
-    dist2 = np.zeros(rgb.shape[:2], np.int32)  # squared distance from white, channel by channel
-    for c in range(3):
-        dist2 += (255 - rgb[..., c].astype(np.int32)) ** 2
-    mask = dist2 > threshold * threshold
-    if closing_px > 0:
-        mask = ndimage.binary_closing(mask, iterations=closing_px, border_value=0)
     return TissueMask(mask, slide_width / mask.shape[1], slide_height / mask.shape[0])

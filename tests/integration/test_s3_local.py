@@ -68,6 +68,39 @@ def test_multipart_and_small_files_round_trip_with_same_checksum(s3_cfg, s3_pref
     assert uploads.get("Uploads", []) == []
 
 
+def test_every_put_carries_the_content_md5_of_its_bytes(s3_cfg, s3_prefix, tmp_path):
+    """The server verifies each part against it: a part corrupted in transit is refused, not stored."""
+    import base64
+
+    from digilut.transfer import put_file
+
+    cfg = replace(s3_cfg, part_size_mb=5)
+    data = np_random_bytes(11 * 2**20, seed=4)  # 3 parts
+    (tmp_path / "f.bin").write_bytes(data)
+    sent: list[tuple[str, str | None, int]] = []
+
+    def record(operation_name, request, **_):
+        body = request.body
+        pos = body.tell()
+        content = body.read()
+        body.seek(pos)
+        md5 = request.headers.get("Content-MD5")
+        sent.append((operation_name, md5.decode() if isinstance(md5, bytes) else md5, len(content)))
+        assert md5 and base64.b64decode(md5) == hashlib.md5(content).digest()
+
+    client = s3_client(cfg)
+    for op in ("UploadPart", "PutObject"):
+        client.meta.events.register(f"before-send.s3.{op}", lambda op=op, **kw: record(op, **kw))
+    put_file(client, cfg, tmp_path / "f.bin", f"{s3_prefix}/f.bin", None)
+    put_file(client, cfg, _random_file(tmp_path / "s.bin", 1000, seed=5), f"{s3_prefix}/s.bin", None)
+    assert sorted((op, n) for op, _, n in sent) == [
+        ("PutObject", 1000),
+        ("UploadPart", 2**20),
+        ("UploadPart", 5 * 2**20),
+        ("UploadPart", 5 * 2**20),
+    ]
+
+
 def test_upload_dir_then_download_prefix_skip_identical_files_only(s3_cfg, s3_prefix, tmp_path):
     src = tmp_path / "src"
     for rel, seed in (("images/p1_a.tif", 1), ("images/p1_b.tif", 2), ("train.csv", 3)):

@@ -1,9 +1,14 @@
+import shutil
+
 import numpy as np
 import openslide
 import pytest
 import tifffile
+from slide_fixtures import write_pyramid
 
 from digilut.errors import SlideMetadataError, SlideNotFoundError, SlideReadError
+from digilut.extract import ExtractConfig, extract_slide
+from digilut.reference_data import cmu_small_region_svs
 from digilut.slide import LevelReader, choose_level, read_slide_info
 from digilut.synth import SynthConfig, plan_slide, write_slide
 
@@ -80,3 +85,45 @@ def test_truncated_slide_raises_naming_the_tile(tmp_path, plan):
         return  # tifffile may already refuse the file: also a clear, specific error
     with LevelReader(info, 1) as reader, pytest.raises(SlideReadError, match=r"level 1 tile .*truncated"):
         reader.read(0, 0, info.levels[1].width, info.levels[1].height)
+
+
+def test_real_aperio_svs_one_level_with_label_and_macro_beside_it(tmp_path):
+    """CMU-1-Small-Region (CC0): 2220×2967 px at 0.499 µm/px; thumbnail, label and macro pages are
+    in the same file and must not become levels."""
+    path = cmu_small_region_svs(fetch=False)
+    info = read_slide_info(path)
+    assert (info.width, info.height, info.mpp) == (2220, 2967, pytest.approx(0.499))
+    assert [(lv.width, lv.height, lv.downsample, lv.tiled) for lv in info.levels] == [(2220, 2967, 1.0, True)]
+    with tifffile.TiffFile(path) as tif:
+        assert [s.name for s in tif.series] == ["Baseline", "Thumbnail", "Label", "Macro"]
+        truth = tif.series[0].asarray()
+    with LevelReader(info, 0) as reader:
+        assert np.array_equal(reader.read(1000, 1500, 300, 200), truth[1500:1700, 1000:1300])
+    choice = choose_level(info, 0.5)
+    assert (choice.level, choice.scale) == (0, 1.0)
+    shutil.copy(path, tmp_path / "cmu_a.tif")  # DigiLut slide names end in .tif
+    r = extract_slide(tmp_path / "cmu_a.tif", tmp_path / "out", ExtractConfig())  # real H&E tissue
+    assert r.status == "ok" and 20 < r.patches < 90, r
+
+
+def test_subifd_pyramid_is_read_like_the_same_pyramid_in_pages(tmp_path, tiny_data):
+    level0 = tifffile.imread(sorted((tiny_data / "images").iterdir())[0])[:1536, :2048]
+    sub = write_pyramid(tmp_path / "sub_a.tif", level0, subifds=True)
+    flat = write_pyramid(tmp_path / "pages_a.tif", level0)
+    with tifffile.TiffFile(sub) as tif:
+        assert len(tif.pages) == 1 and len(tif.pages[0].pages) == 2  # the reduced levels are SubIFDs
+    a, b = read_slide_info(sub), read_slide_info(flat)
+    assert [lv.downsample for lv in a.levels] == [lv.downsample for lv in b.levels] == [1.0, 2.0, 4.0]
+    for lv in a.levels:
+        with LevelReader(a, lv.index) as ra, LevelReader(b, lv.index) as rb:
+            assert np.array_equal(ra.read(0, 0, lv.width, lv.height), rb.read(0, 0, lv.width, lv.height))
+    assert choose_level(a, 1.0).level == 2
+
+
+def test_implausible_mpp_in_the_file_says_how_to_pass_the_right_one(tmp_path, plan):
+    path = write_slide(plan, tmp_path / "p_a.tif", mpp=0.01)
+    with pytest.raises(
+        SlideMetadataError, match=r"mpp=0\.01 µm/px is outside .* \(read from the file\).*--slide-mpp"
+    ):
+        read_slide_info(path)
+    assert read_slide_info(path, mpp=0.25).mpp == 0.25
