@@ -43,6 +43,11 @@ class TrainingInterrupted(DigilutError, RuntimeError):
     """Training stopped on SIGTERM after saving its state; running it again resumes."""
 
 
+class SlideChangedError(DigilutError, OSError):
+    """A slide is no longer the version (size, ETag) it was listed with: its patches would be cached
+    under the old version."""
+
+
 class ShardError(DigilutError, OSError):
     """A patch shard is missing, truncated or does not match its index."""
 
