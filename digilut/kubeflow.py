@@ -2,8 +2,9 @@
 
 ``compile_pipelines`` writes ``pipelines/compiled/<name>.yaml`` (committed; a test fails when they
 are stale). ``submit_run`` uses ``kfp.Client``: uploads the compiled pipeline as a new version,
-creates a run (or a recurring run) in an experiment, and returns the run's URL. Host, namespace
-and token come from arguments or the environment (``KFP_HOST``, ``KFP_NAMESPACE``, ``KFP_TOKEN``).
+creates a run (or replaces the pipeline's recurring run) in an experiment, and returns the run's URL.
+Host, namespace and token come from arguments or the environment (``KFP_HOST``, ``KFP_NAMESPACE``,
+``KFP_TOKEN``); the image tag the YAML must name from ``DIGILUT_TAG`` (the Makefile's ``TAG``).
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ class SubmitConfig:
     pipeline: str = "training"
     service_account: str = k8s.PIPELINE_SERVICE_ACCOUNT
     cron: str | None = None  # a recurring run on this 6-field cron schedule (KFP/robfig format)
+    tag: str | None = None  # the image tag the compiled YAML must name (None: digilut.images.image_tag())
 
     def __post_init__(self) -> None:
         if not self.host.startswith(("http://", "https://")):
@@ -206,13 +208,56 @@ class SubmitConfig:
         return cls(**values)
 
 
+def compiled_images(package: str | Path) -> set[str]:
+    """The container images a compiled pipeline (KFP YAML) runs."""
+    import yaml
+
+    spec = next(yaml.safe_load_all(Path(package).read_text()))
+    return {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+
+
+def check_compiled_for(package: str | Path, tag: str | None = None) -> None:
+    """Raise :class:`ConfigError` unless ``package`` runs only ``REGISTRY/digilut-{base,train}:tag``,
+    the images ``make images push TAG=tag`` built and pushed."""
+    from digilut.images import IMAGE_KINDS, image
+
+    want = {image(kind, tag=tag) for kind in IMAGE_KINDS}  # type: ignore[arg-type]
+    got = compiled_images(package)
+    if not got or not got <= want:
+        wanted_tag = next(iter(want)).rsplit(":", 1)[1]
+        found = sorted({ref.rsplit(":", 1)[-1] for ref in got})
+        raise ConfigError(
+            f"{package} was compiled for {', '.join(sorted(got))}, not for tag {wanted_tag!r} "
+            f"({', '.join(sorted(want))}): run `make compile TAG={wanted_tag}` (after `make images push "
+            f"TAG={wanted_tag}`), or submit with TAG={found[0] if found else '<tag>'}"
+        )
+
+
+def _recurring_runs_named(client: Any, experiment_id: str, name: str) -> list[str]:
+    """Ids of the experiment's recurring runs whose display name is ``name`` (every page)."""
+    ids, token = [], ""
+    while True:
+        page = client.list_recurring_runs(page_token=token, page_size=100, experiment_id=experiment_id)
+        ids += [r.recurring_run_id for r in page.recurring_runs or [] if r.display_name == name]
+        token = page.next_page_token or ""
+        if not token:
+            return ids
+
+
 def submit_run(cfg: SubmitConfig, params: dict[str, Any], *, package: str | Path | None = None) -> str:
-    """Upload the compiled pipeline as a new version and start a run (or recurring run); return its URL."""
+    """Upload the compiled pipeline as a new version and start a run; return its URL.
+
+    The YAML must name the images of ``cfg.tag`` (:func:`check_compiled_for`). With ``cfg.cron`` the
+    pipeline's recurring run ``digilut-<pipeline>`` is created with catch-up off (``no_catchup``: a
+    paused or late schedule starts one run, not one per missed slot) and any earlier recurring run of
+    that name in the experiment is deleted after, so a schedule is replaced, never doubled.
+    """
     import kfp
 
     package = Path(package or COMPILED_DIR / f"{cfg.pipeline}.yaml")
     if not package.is_file():
         raise FileNotFoundError(f"{package}: not compiled; run `make compile` first")
+    check_compiled_for(package, cfg.tag)
     client = kfp.Client(host=cfg.host, namespace=cfg.namespace, existing_token=cfg.token)
     name = f"digilut-{cfg.pipeline}"
     version = time.strftime("v%Y%m%d-%H%M%S")
@@ -223,19 +268,25 @@ def submit_run(cfg: SubmitConfig, params: dict[str, Any], *, package: str | Path
         str(package), pipeline_version_name=version, pipeline_id=pipeline_id
     ).pipeline_version_id
     experiment = client.create_experiment(cfg.experiment, namespace=cfg.namespace)
-    job = f"{name}-{version}"
     if cfg.cron:
+        earlier = _recurring_runs_named(client, experiment.experiment_id, name)
         run = client.create_recurring_run(
             experiment.experiment_id,
-            job,
+            name,
             cron_expression=cfg.cron,
+            no_catchup=True,
             params=params,
             pipeline_id=pipeline_id,
             version_id=version_id,
             service_account=cfg.service_account,
         )
+        for old in earlier:
+            client.delete_recurring_run(old)
+            log.info("replaced recurring run %s (%s) by %s", old, name, run.recurring_run_id)
         url = f"{cfg.host.rstrip('/')}/#/recurringrun/details/{run.recurring_run_id}"
+        job = name
     else:
+        job = f"{name}-{version}"
         run = client.run_pipeline(
             experiment.experiment_id,
             job,
