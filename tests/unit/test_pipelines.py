@@ -144,3 +144,17 @@ def test_images_are_pinned_and_the_ones_the_makefile_builds(name):
         if "accelerator" in v["container"].get("resources", {})
     }
     assert all(spec["deploymentSpec"]["executors"][e]["container"]["image"] == train for e in gpu)
+
+
+def test_committed_pipelines_and_manifests_name_one_release_tag():
+    """The committed YAML and manifests/images deploy the same images: tag v<pyproject version>."""
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    tags = {
+        committed_image(n, k).rsplit(":", 1)[1] for n in ("training", "inference") for k in ("base", "train")
+    }
+    component = yaml.safe_load((ROOT / "manifests" / "images" / "kustomization.yaml").read_text())
+    (entry,) = component["images"]
+    assert tags == {f"v{version}"} == {entry["newTag"]}
+    assert f"{entry['newName']}:{entry['newTag']}" == committed_image("training", "base")
