@@ -93,6 +93,43 @@ def test_the_type_check_sees_a_loop_item_typed_string():
     ]
 
 
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (
+            lambda s: s["components"]["comp-split-patients"]["outputDefinitions"]["parameters"][
+                "Output"
+            ].update(parameterType="STRUCT"),
+            "parameter 'pipelinechannel--split-patients-Output' is declared LIST but fed output 'Output' of "
+            "task split-patients (STRUCT)",
+        ),
+        (
+            lambda s: s["components"]["comp-merge"]["inputDefinitions"]["artifacts"]["extracted"].pop(
+                "isArtifactList"
+            ),
+            "artifact 'extracted' is declared system.Dataset but fed output "
+            "'pipelinechannel--extract-extracted' of task for-loop-1 (list of system.Dataset)",
+        ),
+        (
+            lambda s: s["root"]["dag"]["tasks"]["ingest"]["inputs"]["parameters"].update(
+                batch_size={"runtimeValue": {"constant": "8"}}
+            ),
+            "parameter 'batch_size' is declared NUMBER_INTEGER but fed the constant '8'",
+        ),
+        (
+            lambda s: s["root"]["dag"]["tasks"]["ingest"]["inputs"]["parameters"].pop("source"),
+            "required input 'source' is not fed",
+        ),
+    ],
+)
+def test_the_type_check_names_each_kind_of_disagreement(mutate, expected):
+    spec, _ = load("training")
+    broken = copy.deepcopy(spec)
+    mutate(broken)
+    problems = input_type_mismatches(broken)
+    assert len(problems) == 1 and problems[0].endswith(expected), problems
+
+
 def artifact_producers(spec: dict) -> dict[str, set[str]]:
     """Component task path -> the executor tasks whose artifacts it reads, through loop inputs."""
     comps = spec["components"]
