@@ -97,16 +97,17 @@ class SourceListing:
     train_csv: SourceObject | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "slides": [s.to_dict() for s in self.slides],
-            "train_csv": self.train_csv.to_dict() if self.train_csv else None,
-        }
+        """A pipeline parameter (a struct): ``train_csv`` is left out when absent, as KFP refuses a null."""
+        out: dict[str, Any] = {"slides": [s.to_dict() for s in self.slides]}
+        if self.train_csv is not None:
+            out["train_csv"] = self.train_csv.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> SourceListing:
-        if not isinstance(data, dict) or set(data) != {"slides", "train_csv"}:
+        if not isinstance(data, dict) or "slides" not in data or not set(data) <= {"slides", "train_csv"}:
             raise ConfigError(f"source listing {data!r}: expected {{'slides': [...], 'train_csv': ...}}")
-        csv = data["train_csv"]
+        csv = data.get("train_csv")
         return cls(
             [SourceObject.from_dict(s) for s in data["slides"]],
             None if csv is None else SourceObject.from_dict(csv),

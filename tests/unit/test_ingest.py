@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+from kfp.compiler.pipeline_spec_builder import to_protobuf_value
 
 from digilut.errors import ConfigError, SlideChangedError
 from digilut.extract import ExtractConfig
@@ -50,6 +51,16 @@ def test_the_listing_versions_every_slide_and_train_csv(source):
     assert SourceListing.from_dict(json.loads(json.dumps(list_source_step(str(source))))) == listing
     (source / "train.csv").unlink()
     assert list_source(str(source)).train_csv is None
+
+
+@pytest.mark.parametrize("with_csv", [True, False])
+def test_the_listing_is_a_value_kfp_accepts_as_a_parameter(source, with_csv):
+    """kfp.local (and the SDK) turn a parameter into a protobuf Value and refuse a null in it."""
+    if not with_csv:
+        (source / "train.csv").unlink()
+    value = list_source_step(str(source))
+    assert to_protobuf_value(value).struct_value["slides"][0]["name"] == "a_a.tif"
+    assert (SourceListing.from_dict(value).train_csv is not None) == with_csv
 
 
 def test_a_slide_replaced_under_the_same_name_changes_only_its_batch(source, tmp_path):
