@@ -95,7 +95,8 @@ def test_caching_on_for_data_steps_off_for_the_listing_training_and_retries_on_g
 @pytest.mark.parametrize("name", ["training", "inference"])
 def test_ingest_is_keyed_by_the_listing_parameter_and_extract_by_its_batch(name):
     """ingest's cache key is the listing's value (a parameter), extract's its batch of (name, size,
-    ETag): a replaced slide changes both, an unchanged bucket neither."""
+    ETag): a replaced slide changes both, an unchanged bucket neither (parameters by value, artifacts by
+    identity: backend/src/v2/cacheutils/cache.go, ``GenerateCacheKey``)."""
     spec, _ = load(name)
     comps, root = spec["components"], spec["root"]["dag"]["tasks"]
     assert root["ingest"]["inputs"]["parameters"]["source"] == {
