@@ -9,9 +9,11 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := pocl-opencl-icd libusb-1.0-0 libopengl0 libgl1 libxcb-xinerama0 libxcb-icccm4 libxcb-keysyms1
 PYTEST_ARGS ?=
 
-# Container images and compiled pipelines share one registry and one immutable tag, named as
-# digilut.images.image() names them: REGISTRY/TAG on the command line, else DIGILUT_REGISTRY/DIGILUT_TAG
-# from the environment, else ghcr.io/digilut and the git short SHA (12 characters; 'dev' without git).
+# One registry and one immutable tag flow through images -> push (and manifests/images) -> compile ->
+# submit (which refuses YAML compiled for another tag), named as digilut.images.image() names them:
+# REGISTRY/TAG on the command line, else DIGILUT_REGISTRY/DIGILUT_TAG from the environment, else
+# ghcr.io/digilut and the git short SHA (12 characters; 'dev' without git). The committed
+# pipelines/compiled/*.yaml and manifests/images name the release tag: v + pyproject.toml's version.
 REGISTRY ?= $(or $(DIGILUT_REGISTRY),ghcr.io/digilut)
 TAG ?= $(or $(DIGILUT_TAG),$(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev))
 export DIGILUT_REGISTRY := $(REGISTRY)
@@ -117,12 +119,12 @@ lock: install ## Regenerate the hashed images/requirements-*.lock from requireme
 demo: install ## The whole pipeline locally: synthetic slides, local S3 + MLflow servers, kfp.local run (KEEP=1 keeps servers)
 	$(VENV)/bin/digilut demo demo-out $(if $(KEEP),--keep,)
 
-compile: install ## Compile the pipelines to pipelines/compiled/*.yaml with the images of REGISTRY/TAG
+compile: install check-tag ## Compile the pipelines to pipelines/compiled/*.yaml with the images of REGISTRY/TAG
 	$(VENV)/bin/digilut compile
 
-submit: install ## Submit a training run to Kubeflow (KFP_HOST, DATA_URI=s3://…, optional KFP_NAMESPACE/KFP_TOKEN)
+submit: install check-tag ## Submit a training run to Kubeflow (KFP_HOST, DATA_URI=s3://…, the TAG compiled; optional KFP_NAMESPACE/KFP_TOKEN)
 	@test -n "$(DATA_URI)" || { echo "submit: set DATA_URI=s3://bucket/prefix (images/ + train.csv)"; exit 2; }
-	$(VENV)/bin/digilut submit "$(DATA_URI)"
+	$(VENV)/bin/digilut submit "$(DATA_URI)" --tag "$(TAG)"
 
 clean: ## Remove caches and generated outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache bench-out demo-out

@@ -1,7 +1,11 @@
-"""Data components: ingest, extract (one batch), merge, label, split.
+"""Data components: list_source, ingest, extract (one batch), merge, label, split.
 
-No ``from __future__ import annotations`` here: KFP reads the real annotation objects.
+No ``from __future__ import annotations`` here: KFP reads the real annotation objects. Returns are
+typed element by element (``list[int]``, not ``list``): a ParallelFor item gets its type from them,
+and the backend checks it against the consumer's input type.
 """
+
+from typing import Any
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
@@ -12,19 +16,35 @@ BASE = image("base")
 
 
 @dsl.component(base_image=BASE, install_kfp_package=False)
-def ingest(data_uri: str, batch_size: int, require_boxes: bool, annotations: Output[Dataset]) -> list:
-    """List the slides and validate train.csv of DATA (folder or s3:// prefix); return the batches."""
+def list_source(data_uri: str) -> dict[str, Any]:
+    """The slides and train.csv of DATA (folder or s3:// prefix) with sizes and ETags (never cached)."""
+    from digilut.steps import list_source_step
+
+    return list_source_step(data_uri)
+
+
+@dsl.component(base_image=BASE, install_kfp_package=False)
+def ingest(
+    data_uri: str,
+    source: dict[str, Any],
+    batch_size: int,
+    require_boxes: bool,
+    annotations: Output[Dataset],
+) -> list[list[dict[str, Any]]]:
+    """Validate train.csv against the listed slides; return the batches (slide name, size, ETag)."""
     from pathlib import Path
 
     from digilut.steps import ingest_step
 
-    return ingest_step(data_uri, Path(annotations.path), batch_size=batch_size, require_boxes=require_boxes)
+    return ingest_step(
+        data_uri, source, Path(annotations.path), batch_size=batch_size, require_boxes=require_boxes
+    )
 
 
 @dsl.component(base_image=BASE, install_kfp_package=False)
 def extract(
     data_uri: str,
-    slides: list,
+    slides: list[dict[str, Any]],
     patch_px: int,
     target_mpp: float,
     stride_px: int,
@@ -36,6 +56,7 @@ def extract(
     from pathlib import Path
 
     from digilut.extract import ExtractConfig
+    from digilut.ingest import SourceObject
     from digilut.steps import extract_step
 
     cfg = ExtractConfig(
@@ -45,7 +66,7 @@ def extract(
         min_tissue_fraction=min_tissue_fraction,
         tissue_threshold=tissue_threshold,
     )
-    report = extract_step(data_uri, slides, Path(extracted.path), cfg)
+    report = extract_step(data_uri, [SourceObject.from_dict(s) for s in slides], Path(extracted.path), cfg)
     extracted.metadata.update({"patches": report.patches, "failed": report.failed})
 
 
@@ -93,7 +114,7 @@ def split_patients(
     neg_per_pos: float,
     seed: int,
     split: Output[Dataset],
-) -> list:
+) -> list[int]:
     """Split patients into train/test, undersample negatives, assign folds; return the fold ids."""
     from pathlib import Path
 

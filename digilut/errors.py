@@ -48,6 +48,11 @@ class GpuUnavailableError(DigilutError, RuntimeError):
     than train on the CPU for days while holding the GPU."""
 
 
+class SlideChangedError(DigilutError, OSError):
+    """A slide is no longer the version (size, ETag) it was listed with: its patches would be cached
+    under the old version."""
+
+
 class ShardError(DigilutError, OSError):
     """A patch shard is missing, truncated or does not match its index."""
 

@@ -103,11 +103,12 @@ def image_tag() -> str:
     return check_tag(os.environ.get(TAG_ENV) or default_tag())
 
 
-def image(kind: ImageKind) -> str:
-    """The reference of a digilut image, ``{registry}/digilut-{kind}:{tag}``, as ``make images`` builds it."""
+def image(kind: ImageKind, *, tag: str | None = None) -> str:
+    """The reference of a digilut image, ``{registry}/digilut-{kind}:{tag}``, as ``make images`` builds it
+    (``tag`` default: :func:`image_tag`)."""
     if kind not in IMAGE_KINDS:
         raise ConfigError(f"image kind={kind!r}: choose one of {', '.join(IMAGE_KINDS)}")
-    return f"{image_registry()}/digilut-{kind}:{image_tag()}"
+    return f"{image_registry()}/digilut-{kind}:{check_tag(tag) if tag is not None else image_tag()}"
 
 
 def _normalise(name: str) -> str:

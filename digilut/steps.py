@@ -7,7 +7,7 @@ the same in a pod, locally and in a test.
 
 Artifacts (folders)::
 
-    annotations   boxes.csv (validated training boxes), ingest.json (slides, batches, problems)
+    annotations   boxes.csv (validated training boxes), ingest.json (listing, slides, batches, problems)
     extracted     one batch: shards/, parts/, thumbnails/, report.json
     patches       all batches merged: manifest.parquet, shards/, report.json
     thumbnails    <stem>.png + slides.json (level-0 size of every slide)
@@ -27,16 +27,25 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 
-from digilut.annotations import check_slide_sizes
+from digilut.annotations import check_slide_name, check_slide_sizes
 from digilut.boxes import BoxesConfig
 from digilut.cpus import available_cpus
 from digilut.evaluate import Evaluation, evaluate_predictions
 from digilut.extract import ExtractConfig, PrepareReport, SlidePatches, extract_slides
-from digilut.ingest import BOXES_NAME, fetch_slides, ingest_data
+from digilut.ingest import (
+    BOXES_NAME,
+    SourceListing,
+    SourceObject,
+    check_version,
+    fetch_slides,
+    ingest_data,
+    list_source,
+)
 from digilut.labels import LabelConfig, label_patches
 from digilut.manifest import EXTRACT_COLUMNS, MANIFEST_NAME, conform, read_manifest, write_manifest
 from digilut.model import select_device
@@ -67,26 +76,42 @@ def read_boxes(annotations: Path) -> pd.DataFrame:
     return pd.read_csv(annotations / BOXES_NAME)
 
 
+def list_source_step(data_uri: str) -> dict[str, Any]:
+    """The slides and train.csv of the data source with their sizes and ETags (a pipeline parameter)."""
+    return list_source(data_uri).to_dict()
+
+
 def ingest_step(
-    data_uri: str, annotations: Path, *, batch_size: int, require_boxes: bool = True
-) -> list[list[str]]:
-    """List and validate the data source; return the slide batches for extraction."""
-    return ingest_data(data_uri, annotations, batch_size=batch_size, require_boxes=require_boxes).batches
+    data_uri: str, source: dict[str, Any], annotations: Path, *, batch_size: int, require_boxes: bool = True
+) -> list[list[dict[str, Any]]]:
+    """Validate the data source as listed in ``source``; return the slide batches for extraction, each
+    slide as ``{"name", "size", "etag"}``."""
+    result = ingest_data(
+        data_uri,
+        annotations,
+        batch_size=batch_size,
+        require_boxes=require_boxes,
+        listing=SourceListing.from_dict(source),
+    )
+    return result.versioned_batches()
 
 
 def extract_step(
-    data_uri: str, slides: list[str], extracted: Path, cfg: ExtractConfig, *, workers: int = 1
+    data_uri: str, slides: list[SourceObject], extracted: Path, cfg: ExtractConfig, *, workers: int = 1
 ) -> PrepareReport:
-    """Fetch one batch of slides and extract them into ``extracted``; failures are reported."""
+    """Fetch one batch of slides and extract them into ``extracted``; failures are reported. A slide
+    that is no longer its listed version (size, ETag) is reported failed, not extracted."""
     extracted.mkdir(parents=True, exist_ok=True)
     results: dict[str, SlidePatches] = {}
     with tempfile.TemporaryDirectory(prefix="digilut-slides-") as tmp:
         paths: list[Path] = []
-        for name in slides:
+        for slide in slides:
             try:
-                paths.extend(fetch_slides(data_uri, [name], Path(tmp)).values())
-            except (OSError, ValueError) as err:  # missing or unsafe slide: report, go on
-                results[name] = SlidePatches(name, "failed", error=f"{type(err).__name__}: {err}")
+                check_slide_name(slide.name)  # before any path join
+                check_version(data_uri, f"images/{slide.name}", slide)
+                paths.extend(fetch_slides(data_uri, [slide.name], Path(tmp)).values())
+            except (OSError, ValueError) as err:  # missing, changed or unsafe slide: report, go on
+                results[slide.name] = SlidePatches(slide.name, "failed", error=f"{type(err).__name__}: {err}")
         threads = max(1, available_cpus() // max(1, workers))
         results.update(extract_slides(paths, extracted, cfg, workers=workers, threads=threads))
     report = PrepareReport(results, sum(r.seconds for r in results.values()), cfg.__dict__.copy())

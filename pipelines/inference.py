@@ -1,7 +1,7 @@
 """The inference pipeline: new slides in S3 + a trained ensemble → N boxes per slide, in the
 DigiLut submission format.
 
-    ingest ─► extract ×batches (ParallelFor) ─► merge ─► predict_all (GPU) ─► submission
+    list_source ─► ingest ─► extract ×batches (ParallelFor) ─► merge ─► predict_all (GPU) ─► submission
                                   fetch_models ───────────┘
 
 ``data_uri`` holds ``images/*.tif`` and ``test.csv`` (``filename,max_x,max_y,trustii_id``: one row
@@ -11,12 +11,11 @@ an MLflow registry URI ``models:/<name>/<version>``.
 
 from kfp import dsl
 
-from components.data import ingest
 from components.inference import fetch_models, predict_all, submission
 from digilut.boxes import BoxesConfig
 from digilut.extract import ExtractConfig
 from digilut.predict import PredictConfig
-from pipelines.training import extract_and_merge, on_gpu, use_s3_and_tracking
+from pipelines.training import extract_and_merge, ingest_source, on_gpu, use_s3_and_tracking
 
 _E, _P, _B = ExtractConfig(), PredictConfig(), BoxesConfig()
 
@@ -37,8 +36,7 @@ def inference(
     predict_batch_size: int = _P.batch_size,
     boxes_method: str = _B.method,
 ) -> None:
-    ing = use_s3_and_tracking(ingest(data_uri=data_uri, batch_size=batch_size, require_boxes=False))
-    ing.set_caching_options(False)
+    ing = ingest_source(data_uri, batch_size, require_boxes=False)
     mg = extract_and_merge(
         ing,
         data_uri,

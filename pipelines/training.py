@@ -1,7 +1,7 @@
 """The training pipeline: slides in S3 → patches → folds trained in parallel on GPUs → ensemble →
 boxes → DigiLut score and report.
 
-    ingest ─► extract ×batches (ParallelFor) ─► merge ─► label ─► split ─► train_fold ×folds
+    list_source ─► ingest ─► extract ×batches (ParallelFor) ─► merge ─► label ─► split ─► train_fold ×folds
                                                                         (ParallelFor, 1 GPU each)
                           start_tracking (MLflow parent run) ───────────────┘        │
                                                     predict (ensemble of the fold models)
@@ -18,7 +18,7 @@ import os
 
 from kfp import dsl, kubernetes
 
-from components.data import extract, ingest, label, merge, split_patients
+from components.data import extract, ingest, label, list_source, merge, split_patients
 from components.model import evaluate, predict, start_tracking, train_fold
 from digilut import k8s
 from digilut.boxes import BoxesConfig
@@ -76,8 +76,19 @@ def on_gpu(task: dsl.PipelineTask, *, cpu: str = "8", memory: str = "48Gi") -> d
     return task
 
 
+def ingest_source(data_uri: str, batch_size: int, require_boxes: bool) -> dsl.PipelineTask:
+    """An uncached listing of the source (slide names, sizes, ETags; train.csv's ETag) feeding a cached
+    ingest: the backend compares parameters by value but input artifacts by identity
+    (backend/src/v2/cacheutils/cache.go, ``GenerateCacheKey``), so a listing parameter lets ingest and
+    everything after it hit the cache while the data is unchanged, and miss when a file changed."""
+    src = use_s3_and_tracking(list_source(data_uri=data_uri)).set_caching_options(False)
+    ing = ingest(data_uri=data_uri, source=src.output, batch_size=batch_size, require_boxes=require_boxes)
+    return use_s3_and_tracking(ing).set_caching_options(True)
+
+
 def extract_and_merge(ing: dsl.PipelineTask, data_uri: str, **extract_params: object) -> dsl.PipelineTask:
-    """Extraction fanned out over ingest's slide batches (cached), then merged (cached)."""
+    """Extraction fanned out over ingest's slide batches (cached on each slide's name, size and ETag),
+    then merged (cached)."""
     with dsl.ParallelFor(ing.outputs["Output"], parallelism=EXTRACT_PARALLELISM) as batch:
         ex = extract(data_uri=data_uri, slides=batch, **extract_params)
         use_s3_and_tracking(ex).set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("16Gi")
@@ -125,8 +136,7 @@ def training(
     artifacts only); ``register_model``: register the ensemble under this MLflow model name ("" = no);
     ``checkpoint_uri``: a folder or ``s3://`` prefix that outlives runs, where each fold keeps its
     checkpoints so that re-running a failed or half-finished pipeline resumes its folds ("" = none)."""
-    ing = use_s3_and_tracking(ingest(data_uri=data_uri, batch_size=batch_size, require_boxes=True))
-    ing.set_caching_options(False)  # the bucket may have changed since the last run
+    ing = ingest_source(data_uri, batch_size, require_boxes=True)
     tracking = use_s3_and_tracking(start_tracking(run_name=run_name, experiment=experiment))
     tracking.set_caching_options(False)
     mg = extract_and_merge(

@@ -132,13 +132,23 @@ def submit(
     experiment: str = typer.Option("digilut", help="KFP experiment."),
     cron: str = typer.Option(None, help="Create a recurring run on this cron schedule instead of one run."),
     param: list[str] = typer.Option([], "--param", "-p", help="Pipeline parameter NAME=VALUE (repeatable)."),
+    tag: str = typer.Option(
+        None, envvar="DIGILUT_TAG", help="Image tag the compiled YAML must name (default: the git short SHA)."
+    ),
 ) -> None:
-    """Upload the compiled pipeline as a new version and start a run on Kubeflow; print its URL."""
+    """Upload the compiled pipeline as a new version and start a run on Kubeflow (with --cron: replace
+    the pipeline's recurring run); print its URL. Refuses YAML compiled for another image tag."""
     from digilut.kubeflow import SubmitConfig, submit_run
 
     try:
         cfg = SubmitConfig.from_env(
-            host=host, namespace=namespace, token=token, pipeline=pipeline, experiment=experiment, cron=cron
+            host=host,
+            namespace=namespace,
+            token=token,
+            pipeline=pipeline,
+            experiment=experiment,
+            cron=cron,
+            tag=tag,
         )
         url = submit_run(cfg, {"data_uri": data_uri, **_params(param)})
     except (DigilutError, FileNotFoundError) as err:

@@ -72,7 +72,7 @@ def test_folds_and_extraction_run_as_parallel_loops():
     }
 
 
-def test_caching_on_for_data_steps_off_for_training_and_retries_on_gpu_steps():
+def test_caching_on_for_data_steps_off_for_the_listing_training_and_retries_on_gpu_steps():
     spec, _ = load("training")
     comps, root = spec["components"], spec["root"]["dag"]["tasks"]
     extract = next(
@@ -84,12 +84,28 @@ def test_caching_on_for_data_steps_off_for_training_and_retries_on_gpu_steps():
         if "train-fold" in c.get("dag", {}).get("tasks", {})
     )
     assert extract["cachingOptions"] == {"enableCache": True}
-    for name in ("merge", "label", "split-patients"):
+    for name in ("ingest", "merge", "label", "split-patients"):
         assert root[name]["cachingOptions"] == {"enableCache": True}
     assert train["cachingOptions"] == {}  # disabled
-    for name in ("ingest", "start-tracking", "predict", "evaluate"):
+    for name in ("list-source", "start-tracking", "predict", "evaluate"):
         assert root[name]["cachingOptions"] == {}
     assert train["retryPolicy"]["maxRetryCount"] == 2 and train["retryPolicy"]["backoffDuration"] == "60s"
+
+
+@pytest.mark.parametrize("name", ["training", "inference"])
+def test_ingest_is_keyed_by_the_listing_parameter_and_extract_by_its_batch(name):
+    """ingest's cache key is the listing's value (a parameter), extract's its batch of (name, size,
+    ETag): a replaced slide changes both, an unchanged bucket neither (parameters by value, artifacts by
+    identity: backend/src/v2/cacheutils/cache.go, ``GenerateCacheKey``)."""
+    spec, _ = load(name)
+    comps, root = spec["components"], spec["root"]["dag"]["tasks"]
+    assert root["ingest"]["inputs"]["parameters"]["source"] == {
+        "taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "list-source"}
+    }
+    assert "artifacts" not in root["ingest"]["inputs"]
+    (loop,) = (c for c in comps.values() if "extract" in c.get("dag", {}).get("tasks", {}))
+    slides = loop["dag"]["tasks"]["extract"]["inputs"]["parameters"]["slides"]
+    assert slides == {"componentInputParameter": "pipelinechannel--ingest-Output-loop-item"}
 
 
 @pytest.mark.parametrize("name", ["training", "inference"])
@@ -129,3 +145,17 @@ def test_images_are_pinned_and_the_ones_the_makefile_builds(name):
         if "accelerator" in v["container"].get("resources", {})
     }
     assert all(spec["deploymentSpec"]["executors"][e]["container"]["image"] == train for e in gpu)
+
+
+def test_committed_pipelines_and_manifests_name_one_release_tag():
+    """The committed YAML and manifests/images deploy the same images: tag v<pyproject version>."""
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    tags = {
+        committed_image(n, k).rsplit(":", 1)[1] for n in ("training", "inference") for k in ("base", "train")
+    }
+    component = yaml.safe_load((ROOT / "manifests" / "images" / "kustomization.yaml").read_text())
+    (entry,) = component["images"]
+    assert tags == {f"v{version}"} == {entry["newTag"]}
+    assert f"{entry['newName']}:{entry['newTag']}" == committed_image("training", "base")
