@@ -396,3 +396,48 @@ def download_prefix(
         len(report.skipped),
     )
     return report
+
+
+def read_range(client: Any, cfg: S3Config, key: str, start: int, nbytes: int, retry: Retrier) -> bytes:
+    """Bytes ``start .. start + nbytes - 1`` of object ``key``: one ranged GET, retried through
+    outages by ``retry``. An object shorter than the range, or missing, raises :class:`StorageError`
+    at once (retrying cannot help); a read cut short by the network is retried."""
+    from botocore.exceptions import IncompleteReadError
+
+    end = start + nbytes - 1
+    what = f"get {cfg.uri(key)} bytes {start}-{end}"
+
+    def fetch() -> bytes:
+        resp = client.get_object(Bucket=cfg.bucket, Key=key, Range=f"bytes={start}-{end}")
+        total = str(resp.get("ContentRange", "")).rpartition("/")[2]
+        if total.isdigit() and int(total) <= end:
+            raise StorageError(f"{what}: the object is only {total} bytes long ({cfg.where})")
+        data = resp["Body"].read()
+        if len(data) != nbytes:  # the connection closed early: transient
+            raise IncompleteReadError(actual_bytes=len(data), expected_bytes=nbytes)
+        return data
+
+    try:
+        return retry(what, fetch)
+    except StorageError:
+        raise
+    except Exception as err:
+        code, status = error_code(err)
+        if status == 404 or code in {"404", "NoSuchKey"}:
+            raise StorageError(f"{what}: no object {cfg.uri(key)} at {cfg.where}") from err
+        if status == 416 or code == "InvalidRange":
+            raise StorageError(f"{what}: the object is shorter than the range ({cfg.where})") from err
+        raise storage_error(cfg, what, err) from err
+
+
+def object_size(cfg: S3Config, key: str) -> int | None:
+    """Size of object ``key`` in bytes, or ``None`` when there is none (one HEAD, retried)."""
+    client = s3_client(cfg)
+    try:
+        head = Retrier(cfg)(f"head {cfg.uri(key)}", lambda: client.head_object(Bucket=cfg.bucket, Key=key))
+    except Exception as err:
+        code, status = error_code(err)
+        if status == 404 or code in {"404", "NoSuchKey", "NotFound"}:
+            return None
+        raise storage_error(cfg, f"head {cfg.uri(key)}", err) from err
+    return int(head["ContentLength"])

@@ -30,6 +30,9 @@ from digilut.train_config import TrainConfig
 
 EXTRACT_PARALLELISM = int(os.environ.get("DIGILUT_EXTRACT_PARALLELISM", "8"))
 TRAIN_PARALLELISM = int(os.environ.get("DIGILUT_TRAIN_PARALLELISM", "0"))
+# An extract task holds a batch of slides (DigiLut: 1-4 GB each) and their shards on local disk.
+EXTRACT_SCRATCH = "96Gi"
+SCRATCH_PATH = "/scratch"
 _E, _L, _S, _T, _P, _B = (
     ExtractConfig(),
     LabelConfig(),
@@ -75,12 +78,22 @@ def on_gpu(task: dsl.PipelineTask, *, cpu: str = "8", memory: str = "48Gi") -> d
     return task
 
 
+def with_scratch(task: dsl.PipelineTask, size: str = EXTRACT_SCRATCH) -> dsl.PipelineTask:
+    """A ``size`` scratch volume as ``TMPDIR`` for a task that writes large files (slides, shards).
+
+    KFP 2.17's SDK has no ``ephemeral-storage`` request (``PipelineTask`` sets CPU, memory and
+    accelerators only), so the space is an emptyDir with ``sizeLimit`` (kfp-kubernetes): the pod
+    is evicted, naming the volume, when it writes more, instead of filling the node's disk."""
+    kubernetes.empty_dir_mount(task, volume_name="scratch", mount_path=SCRATCH_PATH, size_limit=size)
+    return task.set_env_variable("TMPDIR", SCRATCH_PATH)
+
+
 def extract_and_merge(ing: dsl.PipelineTask, data_uri: str, **extract_params: object) -> dsl.PipelineTask:
     """Extraction fanned out over ingest's slide batches (cached), then merged (cached)."""
     with dsl.ParallelFor(ing.outputs["Output"], parallelism=EXTRACT_PARALLELISM) as batch:
         ex = extract(data_uri=data_uri, slides=batch, **extract_params)
         use_s3_and_tracking(ex).set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("16Gi")
-        ex.set_caching_options(True)
+        with_scratch(ex).set_caching_options(True)
     return non_root(merge(extracted=dsl.Collected(ex.outputs["extracted"]))).set_caching_options(True)
 
 
@@ -110,6 +123,7 @@ def training(
     patches_per_epoch: int = _T.patches_per_epoch,
     max_val_patches: int = _T.max_val_patches,
     checkpoint_uri: str = "",
+    shards_uri: str = "",
     cpu_threads: int = _T.cpu_threads,
     predict_batch_size: int = _P.batch_size,
     boxes_method: str = _B.method,
@@ -123,7 +137,9 @@ def training(
     ``results_uri``: where boxes.csv, metrics.json, the report and the fold models are published ("" =
     artifacts only); ``register_model``: register the ensemble under this MLflow model name ("" = no);
     ``checkpoint_uri``: a folder or ``s3://`` prefix that outlives runs, where each fold keeps its
-    checkpoints so that re-running a failed or half-finished pipeline resumes its folds ("" = none)."""
+    checkpoints so that re-running a failed or half-finished pipeline resumes its folds ("" = none);
+    ``shards_uri``: the shard store, a folder or ``s3://`` prefix where extraction puts the patch shards
+    that training and prediction read by ranged GET ("" = ``<data_uri>/digilut-shards``)."""
     ing = use_s3_and_tracking(ingest(data_uri=data_uri, batch_size=batch_size, require_boxes=True))
     ing.set_caching_options(False)  # the bucket may have changed since the last run
     tracking = use_s3_and_tracking(start_tracking(run_name=run_name, experiment=experiment))
@@ -136,6 +152,7 @@ def training(
         stride_px=stride_px,
         min_tissue_fraction=min_tissue_fraction,
         tissue_threshold=tissue_threshold,
+        shards_uri=shards_uri,
     )
     lb = label(
         patches=mg.outputs["patches"],
@@ -178,7 +195,7 @@ def training(
         models=dsl.Collected(tr.outputs["model"]),
         batch_size=predict_batch_size,
     )
-    on_gpu(pr, cpu="8", memory="32Gi").set_caching_options(False)
+    on_gpu(use_s3_and_tracking(pr), cpu="8", memory="32Gi").set_caching_options(False)  # S3: shards
     ev = evaluate(
         predictions=pr.outputs["predictions"],
         models=dsl.Collected(tr.outputs["model"]),
