@@ -18,8 +18,6 @@ import hashlib
 import io
 import os
 import struct
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,15 +123,14 @@ def read_index(path: str | Path) -> ShardIndex:
     return ShardIndex(offset, nbytes)
 
 
-DEFAULT_CACHE_BYTES = 256 * 2**20  # patches an S3-backed reader keeps (per process)
 DEFAULT_MAX_GAP_BYTES = 32 * 2**10  # join two wanted ranges this close into one GET (≈ 2 patches)
 DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20  # the most one joined GET asks for
 
 
 class FetchStats:
     """What a :class:`ShardReader` fetched: ``bytes`` and ``requests`` that reached the storage
-    (a file or S3) and ``hits`` served from its cache. The counters live in shared memory, so a
-    reader handed to DataLoader worker processes counts their reads too."""
+    (a file or S3), and ``hits``: patches its user served from a local copy instead. The counters
+    live in shared memory, so a reader handed to DataLoader worker processes counts their reads."""
 
     def __init__(self) -> None:
         import multiprocessing as mp
@@ -183,20 +180,18 @@ class ShardReader:
     with ranged GETs (endpoint and keys from the environment, bucket from the URI), retried through
     outages like every transfer (:class:`digilut.transfer.Retrier`), so only the bytes of the
     patches asked for cross the network. :meth:`read_many` joins the wanted ranges of one shard that
-    lie within ``max_gap_bytes`` of each other into one request (at most ``max_request_bytes``),
-    and an S3-backed reader keeps the patches it fetched in an LRU cache of ``cache_bytes``
-    (default 256 MiB; 0 for a folder, which the page cache already serves). ``stats`` counts what
-    reached the storage.
+    lie within ``max_gap_bytes`` of each other into one request (at most ``max_request_bytes``).
+    ``stats`` counts what reached the storage. (Patches read again — epochs, DataLoader workers —
+    are kept on local disk by :class:`digilut.data.PatchDataset`, not here.)
 
-    Safe to use from DataLoader workers: file handles, the S3 client and the cache are made in
-    the process that reads (never pickled), and reads share no file position.
+    Safe to use from DataLoader workers: file handles and the S3 client are made in the process
+    that reads (never pickled), and reads share no file position.
     """
 
     def __init__(
         self,
         root: str | Path,
         *,
-        cache_bytes: int | None = None,
         max_gap_bytes: int = DEFAULT_MAX_GAP_BYTES,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
@@ -204,7 +199,6 @@ class ShardReader:
         self.is_s3 = self.root.startswith("s3://")
         if self.is_s3:
             self.root = self.root.rstrip("/")
-        self.cache_bytes = (DEFAULT_CACHE_BYTES if self.is_s3 else 0) if cache_bytes is None else cache_bytes
         self.max_gap_bytes = max_gap_bytes
         self.max_request_bytes = max_request_bytes
         self.stats = FetchStats()
@@ -214,13 +208,10 @@ class ShardReader:
         self._pid = os.getpid()
         self._fds: dict[str, int] = {}
         self._s3: tuple[Any, Any, str, Any] | None = None  # client, config, key prefix, retrier
-        self._cache: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
-        self._cached = 0
-        self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()
-        for name in ("_fds", "_s3", "_cache", "_cached", "_lock", "_pid"):
+        for name in ("_fds", "_s3", "_pid"):
             state.pop(name)
         return state
 
@@ -229,7 +220,7 @@ class ShardReader:
         self._reset()
 
     def _own(self) -> None:
-        if self._pid != os.getpid():  # forked into a worker: handles, client and cache are not ours
+        if self._pid != os.getpid():  # forked into a worker: handles and client are not ours
             self._reset()
 
     def location(self, shard: str) -> str:
@@ -278,37 +269,14 @@ class ShardReader:
         self.stats.add(nbytes=len(data), requests=1)
         return data
 
-    def _remember(self, key: tuple[str, int, int], data: bytes) -> None:
-        if len(data) > self.cache_bytes:
-            return
-        with self._lock:
-            if key in self._cache:
-                return
-            self._cache[key] = data
-            self._cached += len(data)
-            while self._cached > self.cache_bytes:
-                _, old = self._cache.popitem(last=False)
-                self._cached -= len(old)
-
     def read_many(self, shard: str, offsets: Sequence[int], nbytes: Sequence[int]) -> list[bytes]:
-        """The bytes of several patches of one shard, in the order asked: cached patches from the
-        cache, the others in as few requests as the gap and size limits allow."""
+        """The bytes of several patches of one shard, in the order asked, in as few requests as the
+        gap and size limits allow (each distinct range fetched once)."""
         self._own()
-        out: list[bytes | None] = [None] * len(offsets)
         wanted: dict[tuple[int, int], list[int]] = {}
-        hits = 0
         for j, (off, n) in enumerate(zip(offsets, nbytes, strict=True)):
-            key = (shard, int(off), int(n))
-            data = self._cache.get(key) if self.cache_bytes else None
-            if data is not None:
-                with self._lock:
-                    self._cache.move_to_end(key)
-                out[j] = data
-                hits += 1
-            else:
-                wanted.setdefault((int(off), int(n)), []).append(j)
-        if hits:
-            self.stats.add(hits=hits)
+            wanted.setdefault((int(off), int(n)), []).append(j)
+        out: list[bytes] = [b""] * len(offsets)
         ranges = sorted(wanted)
         i = 0
         while i < len(ranges):  # one request per run of ranges close enough to join
@@ -321,12 +289,10 @@ class ShardReader:
             block = self._fetch(shard, start, end - start)
             for off, n in ranges[i:k]:
                 data = block[off - start : off - start + n]
-                if self.cache_bytes:
-                    self._remember((shard, off, n), data)
                 for j in wanted[(off, n)]:
                     out[j] = data
             i = k
-        return out  # type: ignore[return-value]
+        return out
 
     def read_bytes(self, shard: str, offset: int, nbytes: int) -> bytes:
         """The JPEG stream of one patch."""
@@ -342,8 +308,6 @@ class ShardReader:
                 os.close(fd)
         self._fds.clear()
         self._s3 = None
-        self._cache.clear()
-        self._cached = 0
 
     def __enter__(self) -> ShardReader:
         return self
