@@ -14,6 +14,8 @@ Artifacts (folders)::
     labels        manifest.parquet (+ overlap, label)
     split         manifest.parquet (+ split, fold, sampled), split.json
     model         one fold: model.pt, oof.parquet, result.json, tensorboard/ (digilut.train)
+    predictions   predictions.parquet: the test patches with the ensemble's ``prob``
+    results       boxes.csv, metrics.json, report.html, report.md, pictures/, roc.png
 
 Shards are not artifacts: the KFP launcher downloads every input artifact whole into the pod, and
 the shards are the dataset (tens of GB on DigiLut). ``extract`` puts each slide's shard in the
@@ -21,8 +23,6 @@ the shards are the dataset (tens of GB on DigiLut). ``extract`` puts each slide'
 see :func:`shard_store_for`), and the artifacts carry only the manifest and ``shards.json`` naming
 the store. ``train_fold`` and ``predict`` read the patches they need by ranged GET
 (:class:`digilut.shards.ShardReader`); ``merge``, ``label`` and ``split`` never touch a shard.
-    predictions   predictions.parquet: the test patches with the ensemble's ``prob``
-    results       boxes.csv, metrics.json, report.html, report.md, pictures/, roc.png
 """
 
 from __future__ import annotations

@@ -30,8 +30,11 @@ from digilut.train_config import TrainConfig
 
 EXTRACT_PARALLELISM = int(os.environ.get("DIGILUT_EXTRACT_PARALLELISM", "8"))
 TRAIN_PARALLELISM = int(os.environ.get("DIGILUT_TRAIN_PARALLELISM", "0"))
-# An extract task holds a batch of slides (DigiLut: 1-4 GB each) and their shards on local disk.
+# An extract task holds a batch of slides (DigiLut: 1-4 GB each) and their shards on local disk; a
+# fold keeps the patches it fetched from the shard store in a local copy of up to 32 GiB
+# (digilut.data.DEFAULT_LOCAL_COPY_BYTES) beside its checkpoints.
 EXTRACT_SCRATCH = "96Gi"
+TRAIN_SCRATCH = "40Gi"
 SCRATCH_PATH = "/scratch"
 _E, _L, _S, _T, _P, _B = (
     ExtractConfig(),
@@ -188,7 +191,7 @@ def training(
             checkpoint_uri=checkpoint_uri,
             cpu_threads=cpu_threads,
         )
-        on_gpu(use_s3_and_tracking(tr)).set_caching_options(False)
+        with_scratch(on_gpu(use_s3_and_tracking(tr)), TRAIN_SCRATCH).set_caching_options(False)
     pr = predict(
         patches=mg.outputs["patches"],
         split=sp.outputs["split"],
