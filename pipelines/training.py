@@ -35,7 +35,7 @@ TRAIN_PARALLELISM = int(os.environ.get("DIGILUT_TRAIN_PARALLELISM", "0"))
 # (digilut.data.DEFAULT_LOCAL_COPY_BYTES) beside its checkpoints.
 EXTRACT_SCRATCH = "96Gi"
 TRAIN_SCRATCH = "40Gi"
-SCRATCH_PATH = "/scratch"
+SCRATCH_PATH = "/tmp"
 _E, _L, _S, _T, _P, _B = (
     ExtractConfig(),
     LabelConfig(),
@@ -81,14 +81,15 @@ def on_gpu(task: dsl.PipelineTask, *, cpu: str = "8", memory: str = "48Gi") -> d
     return task
 
 
-def with_scratch(task: dsl.PipelineTask, size: str = EXTRACT_SCRATCH) -> dsl.PipelineTask:
-    """A ``size`` scratch volume as ``TMPDIR`` for a task that writes large files (slides, shards).
+def with_scratch(task: dsl.PipelineTask, size: str) -> dsl.PipelineTask:
+    """A ``size`` scratch volume at ``/tmp`` (the images' ``TMPDIR``) for a task that writes large
+    files (slides, shards, the local copy of fetched patches).
 
     KFP 2.17's SDK has no ``ephemeral-storage`` request (``PipelineTask`` sets CPU, memory and
     accelerators only), so the space is an emptyDir with ``sizeLimit`` (kfp-kubernetes): the pod
-    is evicted, naming the volume, when it writes more, instead of filling the node's disk."""
-    kubernetes.empty_dir_mount(task, volume_name="scratch", mount_path=SCRATCH_PATH, size_limit=size)
-    return task.set_env_variable("TMPDIR", SCRATCH_PATH)
+    is evicted, naming the volume, when it writes more, instead of filling the node's disk. No
+    environment variable: kfp.local ignores the mount but would pass one on."""
+    return kubernetes.empty_dir_mount(task, volume_name="scratch", mount_path=SCRATCH_PATH, size_limit=size)
 
 
 def extract_and_merge(ing: dsl.PipelineTask, data_uri: str, **extract_params: object) -> dsl.PipelineTask:
@@ -96,7 +97,7 @@ def extract_and_merge(ing: dsl.PipelineTask, data_uri: str, **extract_params: ob
     with dsl.ParallelFor(ing.outputs["Output"], parallelism=EXTRACT_PARALLELISM) as batch:
         ex = extract(data_uri=data_uri, slides=batch, **extract_params)
         use_s3_and_tracking(ex).set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("16Gi")
-        with_scratch(ex).set_caching_options(True)
+        with_scratch(ex, EXTRACT_SCRATCH).set_caching_options(True)
     return non_root(merge(extracted=dsl.Collected(ex.outputs["extracted"]))).set_caching_options(True)
 
 

@@ -1,4 +1,4 @@
-"""The compiled pipelines give the tasks that write large files a sized scratch volume as TMPDIR,
+"""The compiled pipelines give the tasks that write large files a sized scratch volume at /tmp,
 and every task that reads the shard store (S3) its credentials."""
 
 from __future__ import annotations
@@ -29,17 +29,19 @@ def _size_gib(size: str) -> float:
 
 
 @pytest.mark.parametrize("pipeline", sorted(SHARD_TASKS))
-def test_tasks_that_write_large_files_get_a_sized_scratch_tmpdir(pipeline: str) -> None:
+def test_tasks_that_write_large_files_get_a_sized_scratch_volume_at_tmp(pipeline: str) -> None:
+    """/tmp, the images' TMPDIR: no TMPDIR variable, which kfp.local would pass on without the mount."""
     containers, platform = _compiled(pipeline)
     for executor, writes in SHARD_TASKS[pipeline].items():
-        env = {e["name"]: e["value"] for e in containers[executor]["container"].get("env", [])}
+        env = {e["name"] for e in containers[executor]["container"].get("env", [])}
+        assert "TMPDIR" not in env, executor
         mounts = {m["mountPath"]: m for m in platform[executor].get("emptyDirMounts", [])}
         if not writes:
-            assert "TMPDIR" not in env, executor
+            assert "/tmp" not in mounts, executor
             continue
-        assert env.get("TMPDIR") in mounts, (executor, env, mounts)
-        assert _size_gib(mounts[env["TMPDIR"]]["sizeLimit"]) >= 32, executor  # ≥ the local copy cap
-        assert "medium" not in mounts[env["TMPDIR"]], executor  # on disk, not in the pod's memory
+        assert "/tmp" in mounts, (executor, mounts)
+        assert _size_gib(mounts["/tmp"]["sizeLimit"]) >= 32, executor  # ≥ the local copy's cap
+        assert "medium" not in mounts["/tmp"], executor  # on disk, not in the pod's memory
 
 
 @pytest.mark.parametrize("pipeline", sorted(SHARD_TASKS))
