@@ -51,8 +51,10 @@ def extract(
     min_tissue_fraction: float,
     tissue_threshold: int,
     extracted: Output[Dataset],
+    shards_uri: str = "",
 ):
-    """Extract one batch of slides into shards; a bad slide is reported in report.json, not fatal."""
+    """Extract one batch of slides: shards to the shard store (``shards_uri``, "" = beside the
+    data), manifest parts and thumbnails into the artifact; a bad slide is reported, not fatal."""
     from pathlib import Path
 
     from digilut.extract import ExtractConfig
@@ -66,13 +68,20 @@ def extract(
         min_tissue_fraction=min_tissue_fraction,
         tissue_threshold=tissue_threshold,
     )
-    report = extract_step(data_uri, [SourceObject.from_dict(s) for s in slides], Path(extracted.path), cfg)
+    report = extract_step(
+        data_uri,
+        [SourceObject.from_dict(s) for s in slides],
+        Path(extracted.path),
+        cfg,
+        shards_uri=shards_uri,
+    )
     extracted.metadata.update({"patches": report.patches, "failed": report.failed})
 
 
 @dsl.component(base_image=BASE, install_kfp_package=False)
 def merge(extracted: Input[list[Dataset]], patches: Output[Dataset], thumbnails: Output[Dataset]):
-    """Merge the extraction batches into one patch set (manifest + shards) and the thumbnails."""
+    """Merge the extraction batches into one patch set (manifest + the shard store's name) and the
+    thumbnails."""
     from pathlib import Path
 
     from digilut.steps import merge_step

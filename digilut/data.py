@@ -19,6 +19,10 @@ drawn from a generator seeded by ``(seed, epoch, the batch's row indices)``.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -89,19 +93,103 @@ def _decode(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
     return img
 
 
-class PatchDataset(Dataset[PatchBatch]):
-    """The patches of manifest ``rows`` (shard paths relative to ``root``), read in batches.
+DEFAULT_LOCAL_COPY_BYTES = 32 * 2**30  # patches of S3 shards kept on local disk per dataset
 
-    ``augment`` applies a random dihedral transform per patch. Labels come from the ``label``
-    column when present (−1 otherwise). Use with :func:`make_loader`, which passes whole batches
-    of indices to :meth:`__getitems__`.
+
+def _remove_if_owner(folder: str, pid: int) -> None:
+    if os.getpid() == pid:  # not from a forked worker that happens to finalise its copy
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class LocalCopy:
+    """Patches fetched from remote shards, kept on local disk for every DataLoader worker and every
+    epoch, up to ``max_bytes`` (then the rest is fetched again when read again).
+
+    One sparse file per shard under a temporary folder (``TMPDIR``: the task's scratch volume),
+    written at the patches' own offsets; which rows are there is a byte per row in shared memory,
+    set after the write, so a worker never reads a patch another is still writing. Removed when the
+    dataset is collected (by the process that made it) or at exit.
     """
 
-    def __init__(self, root: str | Path, rows: pd.DataFrame, *, augment: bool = False, seed: int = 0) -> None:
+    def __init__(self, rows: int, max_bytes: int) -> None:
+        import multiprocessing as mp
+
+        self.folder = tempfile.mkdtemp(prefix="digilut-patches-")
+        self.max_bytes = max_bytes
+        self._present = mp.RawArray("B", max(rows, 1))
+        self._used = mp.Value("q", 0)
+        self._finalizer = weakref.finalize(self, _remove_if_owner, self.folder, os.getpid())
+        self._pid, self._fds = os.getpid(), {}
+
+    def __getstate__(self) -> dict[str, object]:
+        from multiprocessing import context
+
+        if context.get_spawning_popen() is None:
+            raise TypeError("a LocalCopy is shared only with the processes it starts (DataLoader workers)")
+        return {k: v for k, v in self.__dict__.items() if k not in ("_finalizer", "_fds", "_pid")}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._pid, self._fds = os.getpid(), {}
+
+    @property
+    def used_bytes(self) -> int:
+        return int(self._used.value)
+
+    def _fd(self, code: int) -> int:
+        if self._pid != os.getpid():
+            self._pid, self._fds = os.getpid(), {}
+        fd = self._fds.get(code)
+        if fd is None:
+            fd = self._fds[code] = os.open(
+                os.path.join(self.folder, f"{code}.bin"), os.O_RDWR | os.O_CREAT, 0o600
+            )
+        return fd
+
+    def has(self, rows: np.ndarray) -> np.ndarray:
+        return np.frombuffer(self._present, np.uint8)[rows].astype(bool)
+
+    def read(self, code: int, offset: int, nbytes: int) -> bytes:
+        return os.pread(self._fd(code), nbytes, offset)
+
+    def keep(self, row: int, code: int, offset: int, data: bytes) -> None:
+        if self._present[row]:
+            return
+        with self._used.get_lock():
+            if self._used.value + len(data) > self.max_bytes:
+                return
+            self._used.value += len(data)
+        os.pwrite(self._fd(code), data, offset)
+        self._present[row] = 1
+
+
+class PatchDataset(Dataset[PatchBatch]):
+    """The patches of manifest ``rows`` (shard paths relative to ``root``: a folder or an ``s3://``
+    prefix), read in batches.
+
+    A batch is read shard by shard with :meth:`ShardReader.read_many`: from S3, one ranged GET per
+    run of nearby patches, so only the sampled patches' bytes are fetched (``reader.stats`` counts
+    them, DataLoader workers included). Patches fetched from S3 are kept in a :class:`LocalCopy` of
+    up to ``local_copy_bytes`` (default 32 GiB of ``TMPDIR``; 0 = none, e.g. when every patch is
+    read once), so a patch read again (epochs, validation) does not cross the network again.
+    ``augment`` applies a random dihedral transform per patch.
+    Labels come from the ``label`` column when present (−1 otherwise). Use with
+    :func:`make_loader`, which passes whole batches of indices to :meth:`__getitems__`.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        rows: pd.DataFrame,
+        *,
+        augment: bool = False,
+        seed: int = 0,
+        local_copy_bytes: int = DEFAULT_LOCAL_COPY_BYTES,
+    ) -> None:
         missing = [c for c in ("shard", "offset", "nbytes") if c not in rows.columns]
         if missing:
             raise ShardError(f"manifest rows lack column(s) {', '.join(missing)}")
-        self.root = Path(root)
+        self.root = root
         codes, names = pd.factorize(rows["shard"].astype(str))
         self.shard_names: list[str] = [str(n) for n in names]
         self.shard_code = codes.astype(np.int32)
@@ -114,7 +202,10 @@ class PatchDataset(Dataset[PatchBatch]):
         self.augment = augment
         self.seed = seed
         self.epoch = 0
-        self._reader = ShardReader(self.root)
+        self.reader = ShardReader(root)
+        self.local = (
+            LocalCopy(len(self.offset), local_copy_bytes) if self.reader.is_s3 and local_copy_bytes else None
+        )
 
     def __len__(self) -> int:
         return len(self.offset)
@@ -124,7 +215,32 @@ class PatchDataset(Dataset[PatchBatch]):
         self.epoch = epoch
 
     def read_bytes(self, i: int) -> bytes:
-        return self._reader.read_bytes(self.shard_names[self.shard_code[i]], self.offset[i], self.nbytes[i])
+        return self.reader.read_bytes(self.shard_names[self.shard_code[i]], self.offset[i], self.nbytes[i])
+
+    def read_batch(self, idx: np.ndarray) -> list[bytes]:
+        """The JPEG streams of rows ``idx``: from the local copy when there, the others fetched
+        shard by shard (nearby patches in one request) and kept in the local copy."""
+        out: list[bytes] = [b""] * len(idx)
+        todo = np.arange(len(idx))
+        if self.local is not None:
+            have = self.local.has(idx)
+            for j in np.flatnonzero(have).tolist():
+                i = idx[j]
+                out[j] = self.local.read(int(self.shard_code[i]), int(self.offset[i]), int(self.nbytes[i]))
+            self.reader.stats.add(hits=int(have.sum()))
+            todo = np.flatnonzero(~have)
+        codes = self.shard_code[idx[todo]]
+        for code in np.unique(codes).tolist():
+            sel = todo[codes == code]
+            rows = idx[sel]
+            got = self.reader.read_many(
+                self.shard_names[code], self.offset[rows].tolist(), self.nbytes[rows].tolist()
+            )
+            for j, i, data in zip(sel.tolist(), rows.tolist(), got, strict=True):
+                out[j] = data
+                if self.local is not None:
+                    self.local.keep(i, code, int(self.offset[i]), data)
+        return out
 
     def __getitem__(self, i: int) -> PatchBatch:
         batch = self.__getitems__([i])
@@ -136,7 +252,8 @@ class PatchDataset(Dataset[PatchBatch]):
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, *idx.tolist()])
             ks = rng.integers(0, 8, len(idx))
-        first = _decode(self.read_bytes(int(idx[0])))
+        streams = self.read_batch(idx)
+        first = _decode(streams[0])
         h, w = first.shape[:2]
         if h != w and self.augment:
             raise ShardError(f"patch {int(idx[0])} is {w}×{h}: augmentation needs square patches")
@@ -147,16 +264,16 @@ class PatchDataset(Dataset[PatchBatch]):
                 if j == 0:
                     img = first
                 elif k == 0:
-                    _decode(self.read_bytes(i), out=images[j])
+                    _decode(streams[j], out=images[j])
                     continue
                 else:
-                    img = _decode(self.read_bytes(i), out=scratch)
+                    img = _decode(streams[j], out=scratch)
                 if k == 0:
                     images[j] = img
                 else:
                     dihedral(img, k, out=images[j])
             except ValueError as err:  # a patch whose size differs from the batch's first
-                shard = self.root / self.shard_names[self.shard_code[i]]
+                shard = self.reader.location(self.shard_names[self.shard_code[i]])
                 raise ShardError(f"{shard} patch at offset {self.offset[i]}: {err}") from err
         return PatchBatch(torch.from_numpy(images), torch.from_numpy(self.labels[idx]), torch.from_numpy(idx))
 

@@ -11,7 +11,7 @@ x0, y0        int64    top-left corner of the patch in level-0 pixels         (e
 w0, h0        int64    extent of the patch in level-0 pixels                  (extract)
 level         int16    pyramid level the pixels were read from                (extract)
 tissue        float32  tissue fraction of the patch (FAST tissue mask)        (extract)
-shard         str      shard path relative to the manifest's folder           (extract)
+shard         str      shard path relative to the patch set's shard store     (extract)
 offset        int64    byte offset of the patch's JPEG stream in the shard    (extract)
 nbytes        int64    length of that JPEG stream                             (extract)
 overlap       float32  overlap score with the slide's boxes                   (label)
@@ -21,12 +21,19 @@ fold          int8     validation fold of a train patient, -1 for test        (s
 sampled       bool     kept by negative undersampling (train rows)            (split)
 ============  =======  =============================================================
 
+The **shard store** of a patch set is where its shards are: the folder holding the manifest
+(``digilut prepare``: ``OUT/shards/<stem>.shard``), or the location named in the folder's
+``shards.json`` — a folder or ``s3://`` prefix outside the pipeline's artifacts, so that a task that
+takes the patch set as input downloads only the manifest and reads patches by ranged GET
+(:func:`shard_store`).
+
 Patch pixels are read back by row with :func:`read_patch` (or a :class:`~digilut.shards.ShardReader`
 for many rows): ``read_patch(root, row)`` returns the ``patch_px × patch_px × 3`` uint8 RGB patch.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +58,7 @@ EXTRACT_COLUMNS: dict[str, str] = {
 LABEL_COLUMNS: dict[str, str] = {"overlap": "float32", "label": "int8"}
 SPLIT_COLUMNS: dict[str, str] = {"split": "string", "fold": "int8", "sampled": "bool"}
 MANIFEST_NAME = "manifest.parquet"
+SHARDS_NAME = "shards.json"
 
 
 def empty_manifest() -> pd.DataFrame:
@@ -94,3 +102,24 @@ def read_patch(root: str | Path, row: pd.Series | dict[str, object]) -> np.ndarr
     """
     with ShardReader(root) as reader:
         return reader.read(str(row["shard"]), int(row["offset"]), int(row["nbytes"]))
+
+
+def write_shard_store(folder: str | Path, store: str) -> None:
+    """Record in ``folder/shards.json`` that the shards of the manifest in ``folder`` are under
+    ``store`` (a folder or ``s3://`` prefix)."""
+    atomic_write(Path(folder) / SHARDS_NAME, [json.dumps({"store": store}).encode()])
+
+
+def shard_store(folder: str | Path) -> str:
+    """Where the shards of the patch set in ``folder`` are: the store recorded in its
+    ``shards.json``, else ``folder`` itself."""
+    path = Path(folder) / SHARDS_NAME
+    if not path.is_file():
+        return str(folder)
+    try:
+        store = json.loads(path.read_text())["store"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ShardError(f'{path}: expected {{"store": "<folder or s3:// prefix>"}}: {err}') from err
+    if not isinstance(store, str) or not store:
+        raise ShardError(f"{path}: store={store!r} is not a folder or s3:// prefix")
+    return store

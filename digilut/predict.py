@@ -118,7 +118,7 @@ def predict_patches(
     out = rows.reset_index(drop=True).copy()
     probs = np.full(len(out), np.nan, np.float32)
     if len(out):
-        dataset = PatchDataset(root, out, augment=False)
+        dataset = PatchDataset(root, out, augment=False, local_copy_bytes=0)  # each patch read once
         loader = make_loader(
             dataset,
             make_sampler(dataset.labels, "sequential"),

@@ -8,14 +8,21 @@ the same in a pod, locally and in a test.
 Artifacts (folders)::
 
     annotations   boxes.csv (validated training boxes), ingest.json (listing, slides, batches, problems)
-    extracted     one batch: shards/, parts/, thumbnails/, report.json
-    patches       all batches merged: manifest.parquet, shards/, report.json
+    extracted     one batch: parts/, thumbnails/, report.json, shards.json (the shard store)
+    patches       all batches merged: manifest.parquet, report.json, shards.json
     thumbnails    <stem>.png + slides.json (level-0 size of every slide)
     labels        manifest.parquet (+ overlap, label)
     split         manifest.parquet (+ split, fold, sampled), split.json
     model         one fold: model.pt, oof.parquet, result.json, tensorboard/ (digilut.train)
     predictions   predictions.parquet: the test patches with the ensemble's ``prob``
     results       boxes.csv, metrics.json, report.html, report.md, pictures/, roc.png
+
+Shards are not artifacts: the KFP launcher downloads every input artifact whole into the pod, and
+the shards are the dataset (tens of GB on DigiLut). ``extract`` puts each slide's shard in the
+*shard store* under a content-addressed name (``shards_uri``; by default ``<data_uri>/digilut-shards``,
+see :func:`shard_store_for`), and the artifacts carry only the manifest and ``shards.json`` naming
+the store. ``train_fold`` and ``predict`` read the patches they need by ranged GET
+(:class:`digilut.shards.ShardReader`); ``merge``, ``label`` and ``split`` never touch a shard.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import torch
 from digilut.annotations import check_slide_name, check_slide_sizes
 from digilut.boxes import BoxesConfig
 from digilut.cpus import available_cpus
+from digilut.errors import ShardError
 from digilut.evaluate import Evaluation, evaluate_predictions
 from digilut.extract import ExtractConfig, PrepareReport, SlidePatches, extract_slides
 from digilut.ingest import (
@@ -47,11 +55,19 @@ from digilut.ingest import (
     list_source,
 )
 from digilut.labels import LabelConfig, label_patches
-from digilut.manifest import EXTRACT_COLUMNS, MANIFEST_NAME, conform, read_manifest, write_manifest
+from digilut.manifest import (
+    EXTRACT_COLUMNS,
+    MANIFEST_NAME,
+    conform,
+    read_manifest,
+    shard_store,
+    write_manifest,
+    write_shard_store,
+)
 from digilut.model import select_device
 from digilut.predict import PredictConfig, predict_patches
 from digilut.report import RunFigures, write_report
-from digilut.shards import atomic_write
+from digilut.shards import atomic_write, publish_shard, shard_name
 from digilut.split import SplitConfig, split_dataset
 from digilut.tracking import Tracker, TrackingConfig
 from digilut.train import FoldResult, fold_data_digest, fold_rows, train_fold
@@ -96,11 +112,52 @@ def ingest_step(
     return result.versioned_batches()
 
 
+SHARD_STORE_DIR = "digilut-shards"
+
+
+def shard_store_for(data_uri: str, shards_uri: str = "") -> str:
+    """The shard store of a run: ``shards_uri`` when given, else ``<data_uri>/digilut-shards``.
+
+    Beside the data by default: a cache derived from the slides, in the bucket the pipeline already
+    reads, the same for every run, pipeline root and cache hit (so a fold's rows, and its checkpoint
+    key, do not change from run to run), with content-addressed names so that runs, datasets and
+    settings never overwrite each other's shard. Pass ``shards_uri`` when the data is read-only.
+    """
+    return shards_uri.rstrip("/") or f"{data_uri.rstrip('/')}/{SHARD_STORE_DIR}"
+
+
+def publish_shards(out_dir: Path, results: dict[str, SlidePatches], store: str) -> None:
+    """Move the shards extracted into ``out_dir/shards`` to ``store`` under content-addressed
+    names, point the slides' manifest parts at them and record the store in ``out_dir``."""
+    uploaded = 0
+    for name, r in results.items():
+        stem = Path(name).stem
+        local = out_dir / "shards" / f"{stem}.shard"
+        if r.status == "ok":
+            shard = shard_name(stem, r.shard_sha256)
+            uploaded += publish_shard(local, store, shard)
+            part_path = out_dir / "parts" / f"{stem}.parquet"
+            write_manifest(pd.read_parquet(part_path).assign(shard=shard), part_path)
+        local.unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "shards", ignore_errors=True)
+    write_shard_store(out_dir, store)
+    ok = sum(r.status == "ok" for r in results.values())
+    log.info("shards: %d slide(s) in %s (%d new, %d already there)", ok, store, uploaded, ok - uploaded)
+
+
 def extract_step(
-    data_uri: str, slides: list[SourceObject], extracted: Path, cfg: ExtractConfig, *, workers: int = 1
+    data_uri: str,
+    slides: list[SourceObject],
+    extracted: Path,
+    cfg: ExtractConfig,
+    *,
+    workers: int = 1,
+    shards_uri: str = "",
 ) -> PrepareReport:
-    """Fetch one batch of slides and extract them into ``extracted``; failures are reported. A slide
-    that is no longer its listed version (size, ETag) is reported failed, not extracted."""
+    """Fetch one batch of slides and extract them; failures are reported. A slide that is no longer
+    its listed version (size, ETag) is reported failed, not extracted. The shards go to the shard
+    store (:func:`shard_store_for`), the manifest parts and thumbnails into ``extracted``. Slides and
+    shards are written under ``TMPDIR`` (a sized scratch volume in the pod)."""
     extracted.mkdir(parents=True, exist_ok=True)
     results: dict[str, SlidePatches] = {}
     with tempfile.TemporaryDirectory(prefix="digilut-slides-") as tmp:
@@ -113,19 +170,29 @@ def extract_step(
             except (OSError, ValueError) as err:  # missing, changed or unsafe slide: report, go on
                 results[slide.name] = SlidePatches(slide.name, "failed", error=f"{type(err).__name__}: {err}")
         threads = max(1, available_cpus() // max(1, workers))
-        results.update(extract_slides(paths, extracted, cfg, workers=workers, threads=threads))
+        work = Path(tmp) / "extracted"
+        results.update(extract_slides(paths, work, cfg, workers=workers, threads=threads))
+        publish_shards(work, results, shard_store_for(data_uri, shards_uri))
+        shutil.copytree(work, extracted, dirs_exist_ok=True)
     report = PrepareReport(results, sum(r.seconds for r in results.values()), cfg.__dict__.copy())
     atomic_write(extracted / "report.json", [report.to_json().encode()])
     return report
 
 
 def merge_step(extracted: list[Path], patches: Path, thumbnails: Path) -> PrepareReport:
-    """Merge extraction batches into one ``patches`` folder and one ``thumbnails`` folder."""
-    for d in (patches / "shards", thumbnails):
+    """Merge extraction batches into one ``patches`` folder (manifest, report, the shard store's
+    name: no shard is copied) and one ``thumbnails`` folder."""
+    for d in (patches, thumbnails):
         d.mkdir(parents=True, exist_ok=True)
     slides: dict[str, SlidePatches] = {}
     parts: list[pd.DataFrame] = []
     sizes: dict[str, tuple[int, int]] = {}
+    stores = {shard_store(batch) for batch in extracted}
+    if len(stores) > 1:
+        raise ShardError(
+            f"extraction batches put their shards in different stores ({', '.join(sorted(stores))}); "
+            "one run uses one shards_uri"
+        )
     for batch in extracted:
         report = PrepareReport.load(batch / "report.json")
         for name, r in report.slides.items():
@@ -133,7 +200,6 @@ def merge_step(extracted: list[Path], patches: Path, thumbnails: Path) -> Prepar
             if r.status != "ok":
                 continue
             stem = Path(name).stem
-            _link_or_copy(batch / "shards" / f"{stem}.shard", patches / "shards" / f"{stem}.shard")
             _link_or_copy(batch / "thumbnails" / f"{stem}.png", thumbnails / f"{stem}.png")
             parts.append(pd.read_parquet(batch / "parts" / f"{stem}.parquet"))
             sizes[name] = (r.width, r.height)
@@ -141,6 +207,8 @@ def merge_step(extracted: list[Path], patches: Path, thumbnails: Path) -> Prepar
         conform(pd.concat(parts, ignore_index=True)) if parts else pd.DataFrame(columns=list(EXTRACT_COLUMNS))
     )
     write_manifest(manifest, patches / MANIFEST_NAME)
+    if stores:
+        write_shard_store(patches, stores.pop())
     merged = PrepareReport(slides, sum(r.seconds for r in slides.values()))
     atomic_write(patches / "report.json", [merged.to_json().encode()])
     _write_json(thumbnails / "slides.json", {k: {"width": w, "height": h} for k, (w, h) in sizes.items()})
@@ -280,7 +348,7 @@ def train_step(
             device,
             tracker=tracker,
             parent=parent,
-            root=patches,
+            root=shard_store(patches),
             on_checkpoint=on_checkpoint,
         )
 
@@ -293,7 +361,7 @@ def predict_step(
     df = read_manifest(split, require=("split",))
     rows = df[df["split"] == "test"]
     files = [d / FoldResult.load(d).model_file for d in model_dirs]
-    out = predict_patches(rows, patches, files, cfg, pick_device())
+    out = predict_patches(rows, shard_store(patches), files, cfg, pick_device())
     write_manifest(out, predictions / PREDICTIONS_NAME)
     return out
 
@@ -415,7 +483,7 @@ def predict_all_step(patches: Path, models: Path, predictions: Path, cfg: Predic
     """Mean probability of the ensemble in ``models`` on every patch of ``patches``."""
     predictions.mkdir(parents=True, exist_ok=True)
     files = sorted(models.glob("model*.pt"))
-    out = predict_patches(read_manifest(patches), patches, files, cfg, pick_device())
+    out = predict_patches(read_manifest(patches), shard_store(patches), files, cfg, pick_device())
     write_manifest(out, predictions / PREDICTIONS_NAME)
     return out
 

@@ -388,3 +388,52 @@ def download_prefix(
         len(report.skipped),
     )
     return report
+
+
+def read_range(client: Any, cfg: S3Config, key: str, start: int, nbytes: int, *, attempts: int = 3) -> bytes:
+    """Bytes ``start .. start + nbytes - 1`` of object ``key``: one ranged GET. ``client`` is a patient
+    client (:func:`s3_client`): a request that fails is retried through outages by
+    :class:`digilut.transfer.Patience`; a body cut short by the network is asked for again, up to
+    ``attempts`` times. An object shorter than the range, or missing, raises :class:`StorageError`
+    at once (retrying cannot help)."""
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+    end = start + nbytes - 1
+    what = f"get {cfg.uri(key)} bytes {start}-{end}"
+    for attempt in range(1, attempts + 1):
+        try:
+            resp = client.get_object(Bucket=cfg.bucket, Key=key, Range=f"bytes={start}-{end}")
+            total = str(resp.get("ContentRange", "")).rpartition("/")[2]
+            if total.isdigit() and int(total) <= end:
+                raise StorageError(f"{what}: the object is only {total} bytes long ({cfg.where})")
+            data = resp["Body"].read()
+            if len(data) != nbytes:  # the connection closed early: transient
+                raise IncompleteReadError(actual_bytes=len(data), expected_bytes=nbytes)
+            return data
+        except StorageError:
+            raise
+        except (IncompleteReadError, ReadTimeoutError, ResponseStreamingError) as err:
+            if attempt == attempts:
+                raise storage_error(cfg, what, err) from err
+            log.warning("%s: %s; reading it again (%d/%d)", what, err, attempt, attempts)
+        except Exception as err:
+            code, status = error_code(err)
+            if status == 404 or code in {"404", "NoSuchKey"}:
+                raise StorageError(f"{what}: no object {cfg.uri(key)} at {cfg.where}") from err
+            if status == 416 or code == "InvalidRange":
+                raise StorageError(f"{what}: the object is shorter than the range ({cfg.where})") from err
+            raise storage_error(cfg, what, err) from err
+    raise AssertionError("unreachable")
+
+
+def object_size(cfg: S3Config, key: str) -> int | None:
+    """Size of object ``key`` in bytes, or ``None`` when there is none (one HEAD, retried)."""
+    client = s3_client(cfg)  # patient: retried through outages
+    try:
+        head = client.head_object(Bucket=cfg.bucket, Key=key)
+    except Exception as err:
+        code, status = error_code(err)
+        if status == 404 or code in {"404", "NoSuchKey", "NotFound"}:
+            return None
+        raise storage_error(cfg, f"head {cfg.uri(key)}", err) from err
+    return int(head["ContentLength"])

@@ -84,6 +84,9 @@ class FoldResult:
     oof_file: str = "oof.parquet"
     model_sha256: str = ""  # a re-run reuses the fold only when model.pt still has this content
     data_sha256: str = ""  # hash of the fold's training and validation rows
+    patch_bytes_fetched: int = 0  # bytes of shards read (this run), ranged GETs when they are in S3
+    patch_requests: int = 0  # reads (GETs) that fetched them
+    patch_local_hits: int = 0  # patches read again from the local copy instead
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -679,6 +682,17 @@ def train_fold(
         history=history,
         model_sha256=file_sha256(out_dir / "model.pt"),
         data_sha256=data_sha,
+        patch_bytes_fetched=train_set.reader.stats.bytes + val_set.reader.stats.bytes,
+        patch_requests=train_set.reader.stats.requests + val_set.reader.stats.requests,
+        patch_local_hits=train_set.reader.stats.hits + val_set.reader.stats.hits,
+    )
+    log.info(
+        "fold %d: %.1f MB of patches fetched from %s in %d reads, %d patches read again locally",
+        fold,
+        result.patch_bytes_fetched / 1e6,
+        root,
+        result.patch_requests,
+        result.patch_local_hits,
     )
     result.save(out_dir / "result.json")
     if on_checkpoint:

@@ -35,6 +35,7 @@ def inference(
     tissue_threshold: int = _E.tissue_threshold,
     predict_batch_size: int = _P.batch_size,
     boxes_method: str = _B.method,
+    shards_uri: str = "",
 ) -> None:
     ing = ingest_source(data_uri, batch_size, require_boxes=False)
     mg = extract_and_merge(
@@ -45,12 +46,13 @@ def inference(
         stride_px=stride_px,
         min_tissue_fraction=min_tissue_fraction,
         tissue_threshold=tissue_threshold,
+        shards_uri=shards_uri,
     )
     fm = use_s3_and_tracking(fetch_models(model_uri=model_uri)).set_caching_options(False)
     pr = predict_all(
         patches=mg.outputs["patches"], models=fm.outputs["models"], batch_size=predict_batch_size
     )
-    on_gpu(pr, cpu="8", memory="32Gi").set_caching_options(False)
+    on_gpu(use_s3_and_tracking(pr), cpu="8", memory="32Gi").set_caching_options(False)  # S3: shards
     sub = submission(
         data_uri=data_uri,
         predictions=pr.outputs["predictions"],

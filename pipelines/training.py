@@ -30,6 +30,12 @@ from digilut.train_config import TrainConfig
 
 EXTRACT_PARALLELISM = int(os.environ.get("DIGILUT_EXTRACT_PARALLELISM", "8"))
 TRAIN_PARALLELISM = int(os.environ.get("DIGILUT_TRAIN_PARALLELISM", "0"))
+# An extract task holds a batch of slides (DigiLut: 1-4 GB each) and their shards on local disk; a
+# fold keeps the patches it fetched from the shard store in a local copy of up to 32 GiB
+# (digilut.data.DEFAULT_LOCAL_COPY_BYTES) beside its checkpoints.
+EXTRACT_SCRATCH = "96Gi"
+TRAIN_SCRATCH = "40Gi"
+SCRATCH_PATH = "/tmp"
 _E, _L, _S, _T, _P, _B = (
     ExtractConfig(),
     LabelConfig(),
@@ -86,13 +92,24 @@ def ingest_source(data_uri: str, batch_size: int, require_boxes: bool) -> dsl.Pi
     return use_s3_and_tracking(ing).set_caching_options(True)
 
 
+def with_scratch(task: dsl.PipelineTask, size: str) -> dsl.PipelineTask:
+    """A ``size`` scratch volume at ``/tmp`` (the images' ``TMPDIR``) for a task that writes large
+    files (slides, shards, the local copy of fetched patches).
+
+    KFP 2.17's SDK has no ``ephemeral-storage`` request (``PipelineTask`` sets CPU, memory and
+    accelerators only), so the space is an emptyDir with ``sizeLimit`` (kfp-kubernetes): the pod
+    is evicted, naming the volume, when it writes more, instead of filling the node's disk. No
+    environment variable: kfp.local ignores the mount but would pass one on."""
+    return kubernetes.empty_dir_mount(task, volume_name="scratch", mount_path=SCRATCH_PATH, size_limit=size)
+
+
 def extract_and_merge(ing: dsl.PipelineTask, data_uri: str, **extract_params: object) -> dsl.PipelineTask:
     """Extraction fanned out over ingest's slide batches (cached on each slide's name, size and ETag),
     then merged (cached)."""
     with dsl.ParallelFor(ing.outputs["Output"], parallelism=EXTRACT_PARALLELISM) as batch:
         ex = extract(data_uri=data_uri, slides=batch, **extract_params)
         use_s3_and_tracking(ex).set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("16Gi")
-        ex.set_caching_options(True)
+        with_scratch(ex, EXTRACT_SCRATCH).set_caching_options(True)
     return non_root(merge(extracted=dsl.Collected(ex.outputs["extracted"]))).set_caching_options(True)
 
 
@@ -122,6 +139,7 @@ def training(
     patches_per_epoch: int = _T.patches_per_epoch,
     max_val_patches: int = _T.max_val_patches,
     checkpoint_uri: str = "",
+    shards_uri: str = "",
     cpu_threads: int = _T.cpu_threads,
     predict_batch_size: int = _P.batch_size,
     boxes_method: str = _B.method,
@@ -135,7 +153,9 @@ def training(
     ``results_uri``: where boxes.csv, metrics.json, the report and the fold models are published ("" =
     artifacts only); ``register_model``: register the ensemble under this MLflow model name ("" = no);
     ``checkpoint_uri``: a folder or ``s3://`` prefix that outlives runs, where each fold keeps its
-    checkpoints so that re-running a failed or half-finished pipeline resumes its folds ("" = none)."""
+    checkpoints so that re-running a failed or half-finished pipeline resumes its folds ("" = none);
+    ``shards_uri``: the shard store, a folder or ``s3://`` prefix where extraction puts the patch shards
+    that training and prediction read by ranged GET ("" = ``<data_uri>/digilut-shards``)."""
     ing = ingest_source(data_uri, batch_size, require_boxes=True)
     tracking = use_s3_and_tracking(start_tracking(run_name=run_name, experiment=experiment))
     tracking.set_caching_options(False)
@@ -147,6 +167,7 @@ def training(
         stride_px=stride_px,
         min_tissue_fraction=min_tissue_fraction,
         tissue_threshold=tissue_threshold,
+        shards_uri=shards_uri,
     )
     lb = label(
         patches=mg.outputs["patches"],
@@ -182,14 +203,14 @@ def training(
             checkpoint_uri=checkpoint_uri,
             cpu_threads=cpu_threads,
         )
-        on_gpu(use_s3_and_tracking(tr)).set_caching_options(False)
+        with_scratch(on_gpu(use_s3_and_tracking(tr)), TRAIN_SCRATCH).set_caching_options(False)
     pr = predict(
         patches=mg.outputs["patches"],
         split=sp.outputs["split"],
         models=dsl.Collected(tr.outputs["model"]),
         batch_size=predict_batch_size,
     )
-    on_gpu(pr, cpu="8", memory="32Gi").set_caching_options(False)
+    on_gpu(use_s3_and_tracking(pr), cpu="8", memory="32Gi").set_caching_options(False)  # S3: shards
     ev = evaluate(
         predictions=pr.outputs["predictions"],
         models=dsl.Collected(tr.outputs["model"]),

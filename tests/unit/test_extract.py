@@ -106,3 +106,44 @@ def test_config_is_validated():
         ExtractConfig(stride_px=0)
     with pytest.raises(ConfigError, match=r"min_tissue_fraction=1\.5"):
         ExtractConfig(min_tissue_fraction=1.5)
+
+
+def test_extract_step_puts_shards_in_the_store_and_merge_copies_none(tiny_data, tiny_prepared, tmp_path):
+    """The pipeline's artifacts hold no shard (the KFP launcher downloads input artifacts whole):
+    extract puts each slide's shard in the shard store under a content-addressed name, merge only
+    names the store, and the patches read from there are those of ``digilut prepare``."""
+    from digilut.errors import ShardError
+    from digilut.manifest import shard_store, write_shard_store
+    from digilut.steps import extract_step, merge_step, shard_store_for
+
+    slides = sorted(p.name for p in (tiny_data / "images").iterdir())[:2]
+    store = tmp_path / "store"
+    for k, name in enumerate(slides):  # two extraction batches
+        extract_step(
+            str(tiny_data), [name], tmp_path / f"ex{k}", ExtractConfig(), workers=0, shards_uri=str(store)
+        )
+    batches = [tmp_path / "ex0", tmp_path / "ex1"]
+    merge_step(batches, tmp_path / "patches", tmp_path / "thumbs")
+    assert sorted(p.name for p in tmp_path.rglob("*.shard")) == sorted(p.name for p in store.iterdir())
+    assert shard_store(tmp_path / "patches") == str(store)
+    m = read_manifest(tmp_path / "patches").sort_values(["slide", "y0", "x0"]).reset_index(drop=True)
+    assert set(m["shard"]) == {p.name for p in store.iterdir()} and len(set(m["shard"])) == 2
+    prepared, _ = tiny_prepared
+    ref = read_manifest(prepared)
+    ref = ref[ref["slide"].isin(slides)].sort_values(["slide", "y0", "x0"]).reset_index(drop=True)
+    cols = ["slide", "x0", "y0", "offset", "nbytes"]
+    pd.testing.assert_frame_equal(m[cols], ref[cols])
+    for i in (0, len(m) // 2, len(m) - 1):
+        np.testing.assert_array_equal(read_patch(str(store), m.iloc[i]), read_patch(prepared, ref.iloc[i]))
+
+    before = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
+    extract_step(
+        str(tiny_data), slides[:1], tmp_path / "again", ExtractConfig(), workers=0, shards_uri=str(store)
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == before  # already there: not rewritten
+
+    write_shard_store(tmp_path / "ex1", str(tmp_path / "elsewhere"))
+    with pytest.raises(ShardError, match="different stores"):
+        merge_step(batches, tmp_path / "patches2", tmp_path / "thumbs2")
+    assert shard_store_for("s3://b/data/") == "s3://b/data/digilut-shards"
+    assert shard_store_for("s3://b/data", "s3://c/shards/") == "s3://c/shards"
