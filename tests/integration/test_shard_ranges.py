@@ -16,11 +16,20 @@ import torch
 from digilut.data import make_sampler
 from digilut.errors import ShardError
 from digilut.extract import ExtractConfig
+from digilut.ingest import SourceObject
 from digilut.labels import LabelConfig
 from digilut.manifest import MANIFEST_NAME, read_manifest, read_patch, shard_store
 from digilut.shards import DEFAULT_MAX_GAP_BYTES, ShardReader
 from digilut.split import SplitConfig
-from digilut.steps import extract_step, ingest_step, label_step, merge_step, split_step, train_step
+from digilut.steps import (
+    extract_step,
+    ingest_step,
+    label_step,
+    list_source_step,
+    merge_step,
+    split_step,
+    train_step,
+)
 from digilut.storage import list_objects, upload_file
 from digilut.synth import SynthConfig, synth_dataset
 from digilut.tracking import TrackingConfig
@@ -53,10 +62,11 @@ def patch_set(s3_server, tmp_path_factory):
     synth_dataset(data, SynthConfig(patients=5, seed=3, size="tiny", positive_fraction=0.6))
     store = f"s3://{s3_server.config().bucket}/tests/shard-ranges/shards"
     art = {name: tmp / name for name in ("annotations", "patches", "thumbs", "labels", "split")}
-    batches = ingest_step(str(data), art["annotations"], batch_size=4)
+    batches = ingest_step(str(data), list_source_step(str(data)), art["annotations"], batch_size=4)
     extracted = [tmp / f"extracted{k}" for k in range(len(batches))]
     for batch, out in zip(batches, extracted, strict=True):
-        extract_step(str(data), batch, out, ExtractConfig(stride_px=128), workers=0, shards_uri=store)
+        slides = [SourceObject.from_dict(s) for s in batch]
+        extract_step(str(data), slides, out, ExtractConfig(stride_px=128), workers=0, shards_uri=store)
     art.update({f"extracted{k}": out for k, out in enumerate(extracted)})
     merge_step(extracted, art["patches"], art["thumbs"])
     label_step(art["patches"], art["annotations"], art["labels"], LabelConfig())

@@ -113,14 +113,21 @@ def test_extract_step_puts_shards_in_the_store_and_merge_copies_none(tiny_data, 
     extract puts each slide's shard in the shard store under a content-addressed name, merge only
     names the store, and the patches read from there are those of ``digilut prepare``."""
     from digilut.errors import ShardError
+    from digilut.ingest import list_source
     from digilut.manifest import shard_store, write_shard_store
     from digilut.steps import extract_step, merge_step, shard_store_for
 
-    slides = sorted(p.name for p in (tiny_data / "images").iterdir())[:2]
+    listed = {s.name: s for s in list_source(str(tiny_data)).slides}
+    slides = sorted(listed)[:2]
     store = tmp_path / "store"
     for k, name in enumerate(slides):  # two extraction batches
         extract_step(
-            str(tiny_data), [name], tmp_path / f"ex{k}", ExtractConfig(), workers=0, shards_uri=str(store)
+            str(tiny_data),
+            [listed[name]],
+            tmp_path / f"ex{k}",
+            ExtractConfig(),
+            workers=0,
+            shards_uri=str(store),
         )
     batches = [tmp_path / "ex0", tmp_path / "ex1"]
     merge_step(batches, tmp_path / "patches", tmp_path / "thumbs")
@@ -138,7 +145,12 @@ def test_extract_step_puts_shards_in_the_store_and_merge_copies_none(tiny_data, 
 
     before = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
     extract_step(
-        str(tiny_data), slides[:1], tmp_path / "again", ExtractConfig(), workers=0, shards_uri=str(store)
+        str(tiny_data),
+        [listed[slides[0]]],
+        tmp_path / "again",
+        ExtractConfig(),
+        workers=0,
+        shards_uri=str(store),
     )
     assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == before  # already there: not rewritten
 
