@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -173,13 +174,20 @@ def split_step(labels: Path, split: Path, cfg: SplitConfig) -> list[int]:
 # --- model side ------------------------------------------------------------------------------
 
 
-def start_tracking_step(run_name: str, cfg: TrackingConfig) -> str:
-    """Open the pipeline's MLflow parent run; return its id ("" when tracking is off or down)."""
+def start_tracking_step(
+    run_name: str,
+    cfg: TrackingConfig,
+    params: Mapping[str, str] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Open the pipeline's MLflow parent run with the pipeline's ``params`` and ``tags`` (the KFP
+    run); return its id ("" when tracking is off or down)."""
     with Tracker(cfg) as tracker:
         if not tracker.enabled:
             log.info("tracking: no MLflow tracking URI configured; runs are not logged")
             return ""
-        run = tracker.start_run(run_name, tags={"digilut.kind": "pipeline"})
+        run = tracker.start_run(run_name, tags={"digilut.kind": "pipeline", **(tags or {})})
+        tracker.log_params(run, params or {})
         run_id = run.wait(cfg.request_timeout_s * 3) or ""
     if not run_id:
         log.warning("tracking: MLflow at %s did not answer; this run is not logged", cfg.tracking_uri)

@@ -124,9 +124,18 @@ def training(
     artifacts only); ``register_model``: register the ensemble under this MLflow model name ("" = no);
     ``checkpoint_uri``: a folder or ``s3://`` prefix that outlives runs, where each fold keeps its
     checkpoints so that re-running a failed or half-finished pipeline resumes its folds ("" = none)."""
+    run_params = dict(locals())  # every parameter above, logged on the MLflow parent run
     ing = use_s3_and_tracking(ingest(data_uri=data_uri, batch_size=batch_size, require_boxes=True))
     ing.set_caching_options(False)  # the bucket may have changed since the last run
-    tracking = use_s3_and_tracking(start_tracking(run_name=run_name, experiment=experiment))
+    tracking = use_s3_and_tracking(
+        start_tracking(
+            run_name=run_name,
+            experiment=experiment,
+            params="\n".join(f"{name}={value}" for name, value in run_params.items()),
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        )
+    )
     tracking.set_caching_options(False)
     mg = extract_and_merge(
         ing,

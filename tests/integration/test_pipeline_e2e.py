@@ -94,6 +94,16 @@ def test_mlflow_parent_run_has_one_child_per_fold(pipeline_run, mlflow_server):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2
     assert "mean_f2" in parent.data.metrics
+    # the pipeline's parameters on the parent, as the folds log theirs; the KFP run as tags
+    params = parent.data.params
+    assert (
+        params["folds"] == "2"
+        and params["run_name"] == "e2e"
+        and params["epochs"] == children[0].data.params["epochs"]
+    )
+    assert params["data_uri"].endswith("/e2e/data") and parent.data.tags["kfp.run_name"].startswith(
+        "digilut-training"
+    )
     assert all("val_loss" in c.data.metrics for c in children)
     assert client.get_registered_model("digilut-e2e-ensemble").name == "digilut-e2e-ensemble"
 
