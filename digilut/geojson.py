@@ -36,6 +36,7 @@ from digilut.shards import atomic_write
 
 log = logging.getLogger(__name__)
 
+GEOJSON_DIR = "geojson"  # the results folder of the <slide stem>.geojson files
 HEATMAP_LEVELS = (0.5, 0.7, 0.9)
 PREDICTED = ("Predicted lesion", (220, 20, 60))
 TRUTH = ("Truth lesion", (0, 160, 0))

@@ -15,7 +15,7 @@ Artifacts (folders)::
     split         manifest.parquet (+ split, fold, sampled), split.json
     model         one fold: model.pt, oof.parquet, result.json, tensorboard/ (digilut.train)
     predictions   predictions.parquet: the test patches with the ensemble's ``prob``
-    results       boxes.csv, metrics.json, report.html, report.md, pictures/, roc.png
+    results       boxes.csv, metrics.json, report.html, report.md, pictures/, geojson/, roc.png
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from digilut.annotations import check_slide_sizes
 from digilut.boxes import BoxesConfig
 from digilut.evaluate import Evaluation, evaluate_predictions
 from digilut.extract import ExtractConfig, PrepareReport, SlidePatches, extract_slides
+from digilut.geojson import GEOJSON_DIR, write_geojson
+from digilut.heatmap import build_heatmaps
 from digilut.ingest import BOXES_NAME, fetch_slides, ingest_data
 from digilut.labels import LabelConfig, label_patches
 from digilut.manifest import EXTRACT_COLUMNS, MANIFEST_NAME, conform, read_manifest, write_manifest
@@ -309,7 +311,9 @@ def evaluate_step(
         boxes_config=None if tune_boxes else boxes_cfg,
     )
     ev.save(results)
-    write_report(ev, pred, test_truth, results, thumbnails=thumbnails, title=title)
+    hms = build_heatmaps(pred) if len(pred) else {}
+    write_geojson(results / GEOJSON_DIR, ev.boxes, hms, test_truth, slides=sorted(hms))
+    write_report(ev, pred, test_truth, results, thumbnails=thumbnails, title=title, heatmaps=hms)
     (results / "models").mkdir(exist_ok=True)
     for d in model_dirs:  # the ensemble travels with the results: the inference pipeline reads it
         r = FoldResult.load(d)
@@ -415,6 +419,9 @@ def submission_step(data_uri: str, predictions: Path, results: Path, cfg: BoxesC
     table = read_test_list(test_csv)
     table.log_problems()
     pred = pd.read_parquet(predictions / PREDICTIONS_NAME)
-    boxes = slide_boxes(pred, expected_counts(table.rows), cfg)
+    counts = expected_counts(table.rows)
+    hms = build_heatmaps(pred) if len(pred) else {}
+    boxes = slide_boxes(pred, counts, cfg, heatmaps=hms)
     atomic_write(results / "boxes.csv", [boxes.to_csv(index=False).encode()])
+    write_geojson(results / GEOJSON_DIR, boxes, hms, slides=sorted(set(counts) & set(hms)))
     return write_submission(boxes, table.rows, results / "submission.csv")

@@ -59,6 +59,9 @@ def test_results_are_published_to_s3(pipeline_run):
         assert f"e2e/results/{name}" in keys
     assert {"e2e/results/models/fold0.pt", "e2e/results/models/fold1.pt"} <= keys
     assert any(k.startswith("e2e/results/pictures/") for k in keys)
+    pictures = {k.rsplit("/", 1)[1][: -len(".png")] for k in keys if k.startswith("e2e/results/pictures/")}
+    geojson = {k.rsplit("/", 1)[1][: -len(".geojson")] for k in keys if k.startswith("e2e/results/geojson/")}
+    assert pictures and geojson == pictures  # one QuPath GeoJSON per test slide picture
     assert any(k.startswith("mlflow/") for k in list_keys(cfg, "mlflow/"))  # MLflow artifacts in the bucket
     ckpt = set(list_keys(cfg, "e2e/checkpoints/"))  # each fold's resume point outlives the run
     for fold in (0, 1):

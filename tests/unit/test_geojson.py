@@ -158,3 +158,53 @@ def test_asap_xml_has_every_exterior_ring_in_its_group() -> None:
     first = [(float(c.get("X")), float(c.get("Y"))) for c in anns[0].findall("./Coordinates/Coordinate")]
     assert first == [tuple(p) for p in fc["features"][0]["geometry"]["coordinates"][0][:-1]]
     assert anns[0].get("Color") == "#DC143C"
+
+
+def _pred(slides: dict[str, set[tuple[int, int]]]) -> pd.DataFrame:
+    p = pd.concat([patches(s, high) for s, high in slides.items()], ignore_index=True)
+    return p.assign(label=(p["prob"] > 0.5).astype(int))
+
+
+def test_the_report_links_each_slide_picture_and_geojson(tmp_path: Path) -> None:
+    from digilut.evaluate import evaluate_predictions
+    from digilut.report import write_report
+
+    pred = _pred({"a_a.tif": BLOCK, "a_b.tif": RING})
+    truth = pd.DataFrame(
+        {
+            "filename": ["a_a.tif", "a_b.tif"],
+            "x1": [512, 512],
+            "x2": [1792, 1792],
+            "y1": [768, 512],
+            "y2": [1536, 1792],
+        }
+    )
+    ev = evaluate_predictions(pred, truth)
+    hms = build_heatmaps(pred)
+    write_geojson(tmp_path / "geojson", ev.boxes, hms, truth)
+    text = write_report(ev, pred, truth, tmp_path, heatmaps=hms).read_text()
+    for stem in ("a_a", "a_b"):
+        for link in (f"pictures/{stem}.png", f"geojson/{stem}.geojson"):
+            assert f'href="{link}"' in text and (tmp_path / link).is_file()
+    back = read_geojson_boxes(tmp_path / "geojson" / "a_a.geojson")
+    assert len(back[back.kind == "truth"]) == 1 and len(back[back.kind == "predicted"]) == 1
+
+
+def test_submission_step_writes_the_submitted_boxes_as_geojson(tmp_path: Path) -> None:
+    from digilut.boxes import BoxesConfig
+    from digilut.steps import PREDICTIONS_NAME, submission_step
+
+    data, preds, results = tmp_path / "data", tmp_path / "pred", tmp_path / "results"
+    data.mkdir()
+    preds.mkdir()
+    _pred({"p1_a.tif": BLOCK, "p1_b.tif": RING}).to_parquet(preds / PREDICTIONS_NAME)
+    (data / "test.csv").write_text(
+        "filename,max_x,max_y,trustii_id\np1_a.tif,2560,2560,1\np1_a.tif,2560,2560,2\np1_b.tif,2560,2560,3\n"
+    )
+    submission_step(str(data), preds, results, BoxesConfig())
+    boxes = pd.read_csv(results / "boxes.csv")
+    for slide, n in (("p1_a.tif", 2), ("p1_b.tif", 1)):
+        back = read_geojson_boxes(results / "geojson" / f"{Path(slide).stem}.geojson")
+        want = boxes[boxes.filename == slide].sort_values("rank")
+        assert len(back) == n and back.kind.eq("predicted").all()
+        np.testing.assert_allclose(back[["x1", "x2", "y1", "y2"]], want[["x1", "x2", "y1", "y2"]])
