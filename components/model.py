@@ -13,8 +13,17 @@ TRAIN = image("train")
 
 
 @dsl.component(base_image=BASE, install_kfp_package=False)
-def start_tracking(run_name: str, experiment: str, tracking: Output[Artifact]):
-    """Open the MLflow parent run of this pipeline run (MLFLOW_TRACKING_URI from the environment).
+def start_tracking(
+    run_name: str,
+    experiment: str,
+    tracking: Output[Artifact],
+    params: str = "",
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
+):
+    """Open the MLflow parent run of this pipeline run (MLFLOW_TRACKING_URI from the environment),
+    with the pipeline's parameters (``params``: ``name=value`` lines) and the KFP run's id and name
+    as tags (and its URL when ``KFP_HOST`` is set).
 
     The run id travels as a small artifact (a file), not a parameter: kfp.local does not resolve an
     upstream task's parameter inside a ParallelFor, artifacts it does.
@@ -23,12 +32,13 @@ def start_tracking(run_name: str, experiment: str, tracking: Output[Artifact]):
     from pathlib import Path
 
     from digilut.steps import start_tracking_step
-    from digilut.tracking import TrackingConfig
+    from digilut.tracking import TrackingConfig, kfp_run_tags, parse_pipeline_params
 
     cfg = TrackingConfig(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""), experiment=experiment)
-    run_id = start_tracking_step(run_name, cfg)
+    tags = kfp_run_tags(kfp_run_id, kfp_run_name, os.environ.get("KFP_HOST", ""))
+    run_id = start_tracking_step(run_name, cfg, parse_pipeline_params(params), tags)
     Path(tracking.path).write_text(run_id)
-    tracking.metadata.update({"mlflow_run_id": run_id, "experiment": experiment})
+    tracking.metadata.update({"mlflow_run_id": run_id, "experiment": experiment, **tags})
 
 
 @dsl.component(base_image=TRAIN, install_kfp_package=False)

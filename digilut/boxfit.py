@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from digilut.heatmap import Heatmap
+from digilut.score import GIOU_THRESHOLD, giou_matrix
 
 Box = tuple[float, float, float, float]  # x1, x2, y1, y2 in level-0 px
 STEPS_PER_CELL = 16  # edge search resolution: 1/16 cell (16 px at a 256 px stride)
@@ -193,14 +194,6 @@ def likeliest_hit(
     keep = np.argsort(-w, kind="stable")[:1500]
     keep = keep[w[keep] > 1e-3]
     c, w = cand[keep], w[keep]
-    area = (c[:, 1] - c[:, 0]) * (c[:, 3] - c[:, 2])
-    iw = np.clip(np.minimum(c[:, None, 1], c[None, :, 1]) - np.maximum(c[:, None, 0], c[None, :, 0]), 0, None)
-    ih = np.clip(np.minimum(c[:, None, 3], c[None, :, 3]) - np.maximum(c[:, None, 2], c[None, :, 2]), 0, None)
-    inter = iw * ih
-    union = area[:, None] + area[None, :] - inter
-    hull = (np.maximum(c[:, None, 1], c[None, :, 1]) - np.minimum(c[:, None, 0], c[None, :, 0])) * (
-        np.maximum(c[:, None, 3], c[None, :, 3]) - np.minimum(c[:, None, 2], c[None, :, 2])
-    )
-    giou = inter / union - (hull - union) / hull
-    best = int(np.argmax((giou > 0.5) @ w))
+    giou = giou_matrix(c, c)
+    best = int(np.argmax((giou > GIOU_THRESHOLD) @ w))
     return (float(c[best, 0]), float(c[best, 1]), float(c[best, 2]), float(c[best, 3]))

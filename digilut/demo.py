@@ -3,9 +3,11 @@
 Generates synthetic slides, starts SeaweedFS (S3, credentials required, loopback only) and an
 MLflow tracking server (SQLite backend, artifacts in the S3 bucket), uploads the dataset, runs the
 training pipeline through ``kfp.local`` reading its input from S3 and publishing its results there,
-prints a summary, and stops the servers. ``keep=True`` leaves them up and writes
+prints a summary, and stops the servers. ``keep=True`` leaves the servers up and writes
 ``WORK/s3.env`` (the endpoints and keys, mode 0600) and ``WORK/services.json``, so that
 ``source WORK/s3.env`` reaches them and ``digilut services down --dir WORK`` stops them.
+A second demo in the same ``WORK`` reuses the outputs of the cached steps (extract, merge) of the
+first through kfp.local's cache in ``WORK/run/kfp-root``, unless ``cache=False``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def run_demo(
     profile: str = "demo",
     keep: bool = False,
     echo: bool = True,
+    cache: bool = True,
 ) -> DemoResult:
     """Run the demo in ``work`` (data, servers' state, run outputs); see the module docstring."""
     from digilut.errors import ConfigError
@@ -90,6 +93,7 @@ def run_demo(
                     profile=profile,
                     results_uri=results_uri,
                     echo=echo,
+                    cache=cache,
                     run_name="demo",
                     register_model="digilut-ensemble",
                     checkpoint_uri=f"s3://{BUCKET}/checkpoints",

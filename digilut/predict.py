@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import precision_recall_curve, precision_recall_fscore_support, roc_auc_score
 
 from digilut.data import PatchDataset, make_loader, make_sampler, to_model_input
 from digilut.errors import ConfigError
@@ -170,14 +170,17 @@ def patch_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5)
     """AUROC and precision/recall/F1 of ``probs >= threshold`` against binary ``labels``."""
     labels = np.asarray(labels).astype(bool)
     pred = np.asarray(probs) >= threshold
-    tp = int((pred & labels).sum())
-    fp = int((pred & ~labels).sum())
-    fn = int((~pred & labels).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, pred, average="binary", labels=[True], zero_division=0.0
+    )
     return PatchMetrics(
-        safe_auroc(labels, probs), precision, recall, f1, float(threshold), len(labels), int(labels.sum())
+        safe_auroc(labels, probs),
+        float(precision),
+        float(recall),
+        float(f1),
+        float(threshold),
+        len(labels),
+        int(labels.sum()),
     )
 
 
@@ -192,15 +195,9 @@ def tune_threshold(labels: np.ndarray, probs: np.ndarray, beta: float = 1.0) -> 
     probs = np.asarray(probs, dtype=np.float64)
     if not labels.any():
         return 0.5
-    order = np.argsort(-probs, kind="stable")
-    p_sorted, l_sorted = probs[order], labels[order]
-    tp = np.cumsum(l_sorted)
-    fp = np.cumsum(~l_sorted)
-    last = np.r_[p_sorted[1:] != p_sorted[:-1], True]  # cut only between distinct probabilities
-    tp, fp, cut = tp[last], fp[last], p_sorted[last]
-    precision = tp / (tp + fp)
-    recall = tp / labels.sum()
+    precision, recall, cut = precision_recall_curve(labels, probs)  # cuts ascending, distinct
+    precision, recall = precision[:-1], recall[:-1]  # the last point (recall 0) has no cut
     b2 = beta * beta
     with np.errstate(invalid="ignore", divide="ignore"):
-        f = np.where(tp > 0, (1 + b2) * precision * recall / (b2 * precision + recall), 0.0)
-    return float(cut[int(np.argmax(f))])
+        f = np.where(recall > 0, (1 + b2) * precision * recall / (b2 * precision + recall), 0.0)
+    return float(cut[len(f) - 1 - int(np.argmax(f[::-1]))])  # on a tie, the highest cut

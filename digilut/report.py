@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from PIL import Image
 from sklearn.metrics import roc_curve
 
 from digilut.evaluate import Evaluation
-from digilut.heatmap import build_heatmaps
+from digilut.geojson import GEOJSON_DIR
+from digilut.heatmap import Heatmap, build_heatmaps
 from digilut.predict import ORIGINAL_METHOD
 from digilut.render import render_heatmap_png
 
@@ -63,6 +65,15 @@ def _img_tag(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" style="max-width:100%">'
 
 
+def _slide_section(out: Path, slide: str, picture: Path) -> str:
+    """A slide's heading with links to its picture and GeoJSON (relative to ``out``), and the picture."""
+    links = [f'<a href="{html.escape(picture.relative_to(out).as_posix())}">picture</a>']
+    geojson = out / GEOJSON_DIR / f"{Path(slide).stem}.geojson"
+    if geojson.is_file():
+        links.append(f'<a href="{html.escape(geojson.relative_to(out).as_posix())}">GeoJSON (QuPath)</a>')
+    return f"<h4>{html.escape(slide)}: {' · '.join(links)}</h4>" + _img_tag(picture, slide)
+
+
 def write_report(
     ev: Evaluation,
     pred: pd.DataFrame,
@@ -71,11 +82,14 @@ def write_report(
     *,
     thumbnails: str | Path | None = None,
     title: str = "digilut run",
+    heatmaps: Mapping[str, Heatmap] | None = None,
 ) -> Path:
     """Write the report files into ``out_dir``; return the path of ``report.html``.
 
     ``pred``: test patches with ``prob`` and ``label``; ``thumbnails``: a folder of ``<stem>.png``
-    and ``slides.json`` (level-0 sizes) from the merge step, optional.
+    and ``slides.json`` (level-0 sizes) from the merge step, optional; ``heatmaps``: those of
+    ``pred`` when already built. Each slide's picture is linked, and its ``geojson/<stem>.geojson``
+    (boxes and heatmap contours for QuPath) when ``out_dir`` has one.
     """
     out = Path(out_dir)
     pics = out / "pictures"
@@ -83,7 +97,7 @@ def write_report(
     sizes: dict[str, dict[str, int]] = {}
     if thumbnails is not None and (Path(thumbnails) / "slides.json").is_file():
         sizes = json.loads((Path(thumbnails) / "slides.json").read_text())
-    hms = build_heatmaps(pred) if len(pred) else {}
+    hms = dict(heatmaps) if heatmaps is not None else build_heatmaps(pred) if len(pred) else {}
     f2_of = (
         dict(zip(ev.score.slides["slide"], ev.score.slides["f2"], strict=True))
         if len(ev.score.slides)
@@ -141,8 +155,9 @@ def write_report(
         f"<p>threshold {p.threshold:.3f}; {p.patches} patches, {p.positives} positive</p>",
         _img_tag(roc, "ROC curve") if roc else "",
         f"<h3>Per slide</h3>{table}",
-        "<h3>Heatmaps</h3><p>truth boxes green, predicted boxes red</p>",
-        *(_img_tag(path, slide) for slide, path in pictures),
+        "<h3>Heatmaps</h3><p>truth boxes green, predicted boxes red. Each slide's GeoJSON holds its boxes "
+        "and heatmap contours in level-0 pixels: in QuPath, open the slide, then File → Import objects.</p>",
+        *(_slide_section(out, slide, path) for slide, path in pictures),
         "</body></html>",
     ]
     report = out / "report.html"

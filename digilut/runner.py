@@ -6,10 +6,18 @@ The same compiled components that run in pods run here as subprocesses
 collects the results into ``OUT``: ``boxes.csv`` (``filename,x1,x2,y1,y2,score``),
 ``metrics.json``, ``report.html`` and the pictures; ``run_inference_local`` writes
 ``OUT/submission.csv`` (``trustii_id,filename,y1,y2,x1,x2``) and ``OUT/boxes.csv``.
+
+Task outputs are cached as on the cluster (``kfp.local.init(enable_caching=True)``): a task whose
+per-task caching option is on (extract, merge, label, split) and whose component, arguments and input
+artifacts are unchanged reuses its earlier outputs in ``OUT/kfp-root``; ``cache=False`` runs every
+task. The cache lives in ``OUT/kfp-root/.kfp-cache/<code>``, ``<code>`` hashing the source of
+``digilut``, ``components`` and ``pipelines``: kfp.local's key holds the component's own source and
+its image name, not the library code the component calls (on the cluster the image tag does that).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +41,8 @@ _TASK = re.compile(rf"(?P<what>Executing task|Task) {_NAME}(?: finished with sta
 _STATUS = re.compile(rf"status {_ANSI}(?P<status>[A-Z]+)")
 _STEPS = r"\[\d+/\d+\]|prepare:|merge:|labels:|split:|fold \d+|epoch|predict:|evaluate:|ingest|report:"
 _PROGRESS = re.compile(rf"INFO\]: (?:{_STEPS})")  # our log lines, as the KFP executor prints them
+_CACHED = re.compile(rf"Task {_NAME} cache hit")
+_CODE_DIRS = ("digilut", "components", "pipelines")
 
 
 class PipelineRunError(DigilutError, RuntimeError):
@@ -47,6 +57,7 @@ class RunResult:
     report_html: Path
     seconds: float
     metrics: dict[str, Any]
+    cached: tuple[str, ...] = ()  # the tasks whose outputs came from the cache (one entry per task)
 
 
 def _child(args: dict[str, Any]) -> None:
@@ -62,6 +73,8 @@ def _child(args: dict[str, Any]) -> None:
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=args.pop("pipeline_root"),
         raise_on_error=True,
+        enable_caching=args.pop("enable_caching"),
+        cache_root=args.pop("cache_root"),
     )
     pipeline_functions()[args.pop("pipeline")](**args)
 
@@ -73,12 +86,14 @@ def run_local(
     profile: str = "demo",
     results_uri: str | None = None,
     echo: bool = True,
+    cache: bool = True,
     **overrides: Any,
 ) -> RunResult:
     """Run the training pipeline on ``data_uri`` (folder or ``s3://`` prefix); results go to ``out_dir``.
 
     ``results_uri`` (default: ``out_dir/results``) is where the pipeline publishes; an ``s3://``
     target is downloaded back into ``out_dir/results``. ``overrides`` are pipeline parameters.
+    ``cache=False`` runs every task even when an earlier run's outputs could be reused.
     """
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -89,13 +104,15 @@ def run_local(
     args = {
         "data_uri": _local_or_s3(data_uri),
         "results_uri": results_uri or str(results),
-        "pipeline_root": str(out / "kfp-root"),
+        **cache_settings(out, cache),
         **params,
     }
-    seconds = _run_child({"pipeline": "training", **args}, out, echo)
+    seconds, cached = _run_child({"pipeline": "training", **args}, out, echo)
     _collect(results_uri, results, out, ("boxes.csv", "metrics.json", "report.html", "report.md"))
     metrics = json.loads((out / "metrics.json").read_text())
-    return RunResult(out, out / "boxes.csv", out / "metrics.json", out / "report.html", seconds, metrics)
+    return RunResult(
+        out, out / "boxes.csv", out / "metrics.json", out / "report.html", seconds, metrics, tuple(cached)
+    )
 
 
 def run_inference_local(
@@ -105,6 +122,7 @@ def run_inference_local(
     *,
     results_uri: str | None = None,
     echo: bool = True,
+    cache: bool = True,
     **params: Any,
 ) -> Path:
     """Run the inference pipeline on ``data_uri`` (folder or ``s3://`` prefix with ``images/`` and
@@ -120,12 +138,32 @@ def run_inference_local(
         "data_uri": _local_or_s3(data_uri),
         "model_uri": model_uri if ":" in model_uri else str(Path(model_uri).resolve()),
         "results_uri": results_uri or str(results),
-        "pipeline_root": str(out / "kfp-root"),
+        **cache_settings(out, cache),
         **params,
     }
     _run_child(args, out, echo)
     _collect(results_uri, results, out, ("submission.csv", "boxes.csv"))
     return out / "submission.csv"
+
+
+def code_fingerprint(root: Path = Path(__file__).resolve().parents[1]) -> str:
+    """A hash of the ``.py`` sources under ``root``'s digilut/, components/ and pipelines/ (what a
+    task runs here), so that a code change starts a new local cache."""
+    h = hashlib.sha256()
+    for path in sorted(p for d in _CODE_DIRS for p in (root / d).rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def cache_settings(out: Path, cache: bool) -> dict[str, Any]:
+    """``pipeline_root`` and the ``kfp.local.init`` caching arguments of a run into ``out``."""
+    root = out / "kfp-root"
+    return {
+        "pipeline_root": str(root),
+        "enable_caching": cache,
+        "cache_root": str(root / ".kfp-cache" / code_fingerprint()),
+    }
 
 
 def _local_or_s3(uri: str) -> str:
@@ -145,9 +183,9 @@ def _collect(results_uri: str | None, results: Path, out: Path, names: tuple[str
             shutil.copy2(results / name, out / name)
 
 
-def _run_child(args: dict[str, Any], out: Path, echo: bool) -> float:
-    """Run the pipeline in a child process (its own process group); its seconds. Raises
-    :class:`PipelineRunError` naming the failed steps and the log."""
+def _run_child(args: dict[str, Any], out: Path, echo: bool) -> tuple[float, list[str]]:
+    """Run the pipeline in a child process (its own process group); its seconds and the tasks
+    served from the cache. Raises :class:`PipelineRunError` naming the failed steps and the log."""
     log_path = out / "pipeline.log"
     t0 = time.perf_counter()
     cmd = [
@@ -159,6 +197,7 @@ def _run_child(args: dict[str, Any], out: Path, echo: bool) -> float:
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     failed: list[str] = []
+    cached: list[str] = []
     started: dict[str, list[float]] = {}  # parallel iterations share a task name
     with open(log_path, "w") as logf:
         # Its own process group: an interrupted run (Ctrl-C, SIGTERM) stops every task it started.
@@ -166,7 +205,7 @@ def _run_child(args: dict[str, Any], out: Path, echo: bool) -> float:
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
         )
         try:
-            rc = _follow(proc, logf, t0, started, failed, echo)
+            rc = _follow(proc, logf, t0, started, failed, cached, echo)
         except BaseException:
             stop_group(proc.pid)
             proc.wait()
@@ -177,7 +216,7 @@ def _run_child(args: dict[str, Any], out: Path, echo: bool) -> float:
             f"pipeline failed{' at step ' + ', '.join(failed) if failed else ''} (exit {rc}); "
             f"full log: {log_path}\n{tail}"
         )
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, cached
 
 
 def _follow(
@@ -186,12 +225,19 @@ def _follow(
     t0: float,
     started: dict[str, list[float]],
     failed: list[str],
+    cached: list[str],
     echo: bool,
 ) -> int:
     """Copy the child's output to ``logf``, print a progress line per step; its exit status."""
     assert proc.stdout is not None
     for line in proc.stdout:
         logf.write(line)
+        hit = _CACHED.search(line)
+        if hit:
+            cached.append(hit.group("task"))
+            if echo:
+                print(f"[{time.perf_counter() - t0:6.0f}s] step {hit.group('task'):<16} CACHED", flush=True)
+            continue
         m = _TASK.search(line)
         if m:
             task = m.group("task")

@@ -515,7 +515,10 @@ def write_env_file(path: str | Path, s3: S3Config, tracking_uri: str | None = No
 
 
 def read_env_file(path: str | Path) -> dict[str, str]:
-    """The variables of a file written by :func:`write_env_file` (empty if there is none)."""
+    """The variables of a file written by :func:`write_env_file` (empty if there is none).
+
+    Read with ``shlex`` rather than python-dotenv's ``dotenv_values``: the file is shell-quoted for
+    ``source`` and dotenv drops a line such as ``export K='a'"'"'b'`` (a key holding ``'``)."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:

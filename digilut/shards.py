@@ -358,9 +358,6 @@ def iter_shard(path: str | Path) -> Iterator[bytes]:
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's content, read in 1 MiB chunks (what "reused by content hash" compares)."""
-    h = hashlib.sha256()
+    """SHA-256 of a file's content (what "reused by content hash" compares)."""
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()

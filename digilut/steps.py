@@ -15,7 +15,7 @@ Artifacts (folders)::
     split         manifest.parquet (+ split, fold, sampled), split.json
     model         one fold: model.pt, oof.parquet, result.json, tensorboard/ (digilut.train)
     predictions   predictions.parquet: the test patches with the ensemble's ``prob``
-    results       boxes.csv, metrics.json, report.html, report.md, pictures/, roc.png
+    results       boxes.csv, metrics.json, report.html, report.md, pictures/, geojson/, roc.png
 
 Shards are not artifacts: the KFP launcher downloads every input artifact whole into the pod, and
 the shards are the dataset (tens of GB on DigiLut). ``extract`` puts each slide's shard in the
@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ from digilut.cpus import available_cpus
 from digilut.errors import ShardError
 from digilut.evaluate import Evaluation, evaluate_predictions
 from digilut.extract import ExtractConfig, PrepareReport, SlidePatches, extract_slides
+from digilut.geojson import GEOJSON_DIR, write_geojson
+from digilut.heatmap import build_heatmaps
 from digilut.ingest import (
     BOXES_NAME,
     SourceListing,
@@ -269,13 +272,20 @@ def split_step(labels: Path, split: Path, cfg: SplitConfig) -> list[int]:
 # --- model side ------------------------------------------------------------------------------
 
 
-def start_tracking_step(run_name: str, cfg: TrackingConfig) -> str:
-    """Open the pipeline's MLflow parent run; return its id ("" when tracking is off or down)."""
+def start_tracking_step(
+    run_name: str,
+    cfg: TrackingConfig,
+    params: Mapping[str, str] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Open the pipeline's MLflow parent run with the pipeline's ``params`` and ``tags`` (the KFP
+    run); return its id ("" when tracking is off or down)."""
     with Tracker(cfg) as tracker:
         if not tracker.enabled:
             log.info("tracking: no MLflow tracking URI configured; runs are not logged")
             return ""
-        run = tracker.start_run(run_name, tags={"digilut.kind": "pipeline"})
+        run = tracker.start_run(run_name, tags={"digilut.kind": "pipeline", **(tags or {})})
+        tracker.log_params(run, params or {})
         run_id = run.wait(cfg.request_timeout_s * 3) or ""
     if not run_id:
         log.warning("tracking: MLflow at %s did not answer; this run is not logged", cfg.tracking_uri)
@@ -397,7 +407,9 @@ def evaluate_step(
         boxes_config=None if tune_boxes else boxes_cfg,
     )
     ev.save(results)
-    write_report(ev, pred, test_truth, results, thumbnails=thumbnails, title=title)
+    hms = build_heatmaps(pred) if len(pred) else {}
+    write_geojson(results / GEOJSON_DIR, ev.boxes, hms, test_truth, slides=sorted(hms))
+    write_report(ev, pred, test_truth, results, thumbnails=thumbnails, title=title, heatmaps=hms)
     (results / "models").mkdir(exist_ok=True)
     for d in model_dirs:  # the ensemble travels with the results: the inference pipeline reads it
         r = FoldResult.load(d)
@@ -503,6 +515,9 @@ def submission_step(data_uri: str, predictions: Path, results: Path, cfg: BoxesC
     table = read_test_list(test_csv)
     table.log_problems()
     pred = pd.read_parquet(predictions / PREDICTIONS_NAME)
-    boxes = slide_boxes(pred, expected_counts(table.rows), cfg)
+    counts = expected_counts(table.rows)
+    hms = build_heatmaps(pred) if len(pred) else {}
+    boxes = slide_boxes(pred, counts, cfg, heatmaps=hms)
     atomic_write(results / "boxes.csv", [boxes.to_csv(index=False).encode()])
+    write_geojson(results / GEOJSON_DIR, boxes, hms, slides=sorted(set(counts) & set(hms)))
     return write_submission(boxes, table.rows, results / "submission.csv")

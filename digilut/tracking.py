@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -45,6 +46,35 @@ _TRANSIENT_CODES = frozenset(
     {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 )
 _METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+
+
+_PARAM_LINE = re.compile(r"([A-Za-z_]\w*)=(.*)", re.S)
+_INTEGRAL = re.compile(r"-?\d+\.0")
+
+
+def parse_pipeline_params(text: str) -> dict[str, str]:
+    """A pipeline's parameters from ``name=value`` lines (what the training pipeline hands
+    ``start_tracking``: KFP fills in each value at run time). A line that does not start with
+    ``name=`` continues the previous value; ``7.0`` (how kfp.local writes an integer) becomes ``7``,
+    as the fold runs log it."""
+    params: dict[str, str] = {}
+    name = None
+    for line in text.split("\n"):
+        m = _PARAM_LINE.fullmatch(line)
+        if m:
+            name = m.group(1)
+            params[name] = m.group(2)
+        elif name is not None:
+            params[name] += "\n" + line
+    return {k: v[:-2] if _INTEGRAL.fullmatch(v) else v for k, v in params.items()}
+
+
+def kfp_run_tags(run_id: str, run_name: str, host: str = "") -> dict[str, str]:
+    """MLflow tags naming the KFP run (id, name and, when the KFP UI's ``host`` is known, its URL)."""
+    tags = {"kfp.run_id": run_id, "kfp.run_name": run_name}
+    if run_id and host:
+        tags["kfp.run_url"] = f"{host.rstrip('/')}/#/runs/details/{run_id}"
+    return {k: v for k, v in tags.items() if v}
 
 
 @dataclass(frozen=True)

@@ -156,8 +156,17 @@ def training(
     checkpoints so that re-running a failed or half-finished pipeline resumes its folds ("" = none);
     ``shards_uri``: the shard store, a folder or ``s3://`` prefix where extraction puts the patch shards
     that training and prediction read by ranged GET ("" = ``<data_uri>/digilut-shards``)."""
+    run_params = dict(locals())  # every parameter above, logged on the MLflow parent run
     ing = ingest_source(data_uri, batch_size, require_boxes=True)
-    tracking = use_s3_and_tracking(start_tracking(run_name=run_name, experiment=experiment))
+    tracking = use_s3_and_tracking(
+        start_tracking(
+            run_name=run_name,
+            experiment=experiment,
+            params="\n".join(f"{name}={value}" for name, value in run_params.items()),
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        )
+    )
     tracking.set_caching_options(False)
     mg = extract_and_merge(
         ing,

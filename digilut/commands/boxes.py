@@ -103,6 +103,12 @@ def boxes(
     stride_px: int | None = typer.Option(
         None, help="Level-0 patch grid step; default: inferred per slide from the patch corners."
     ),
+    geojson: Path | None = typer.Option(
+        None,
+        help="Folder for one GeoJSON per slide (level-0 px): predicted boxes, truth boxes when "
+        "--counts-from is a truth CSV, heatmap contours. QuPath: File → Import objects.",
+    ),
+    asap: bool = typer.Option(False, help="With --geojson: also <slide>.xml, the same polygons for ASAP."),
     **config: Any,
 ) -> None:
     """Per-patch probabilities → exactly N boxes per slide.
@@ -129,6 +135,8 @@ def boxes(
             typer.echo(f"submission → {submission}")
         if pictures is not None:
             _pictures(pictures, hms, result, truth, counts)
+        if geojson is not None:
+            _geojson(geojson, hms, result, truth, counts, asap)
     except (DigilutError, OSError, ValueError) as err:
         if isinstance(err, typer.BadParameter):
             raise
@@ -159,6 +167,26 @@ def _pictures(
             folder / f"{Path(slide).stem}.png", f2=f2.get(slide), n=(counts or {}).get(slide),
         )  # fmt: skip
     typer.echo(f"pictures → {folder}")
+
+
+def _geojson(
+    folder: Path,
+    hms: dict[str, Any],
+    result: pd.DataFrame,
+    truth: pd.DataFrame | None,
+    counts: dict[str, int] | None,
+    asap: bool,
+) -> None:
+    import json
+
+    from digilut.geojson import to_asap_xml, write_geojson
+
+    slides = sorted(hms if counts is None else set(counts) & set(hms))
+    paths = write_geojson(folder, result, hms, truth, slides=slides)
+    if asap:
+        for path in paths.values():
+            path.with_suffix(".xml").write_text(to_asap_xml(json.loads(path.read_text())))
+    typer.echo(f"geojson → {folder} ({len(paths)} slide(s){', ASAP XML too' if asap else ''})")
 
 
 def score(

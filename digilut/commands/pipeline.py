@@ -51,6 +51,9 @@ def run(
         help="Run the inference pipeline with this ensemble instead of training: a folder or s3:// "
         "prefix of model files (a training run's results/models) or models:/<name>/<version>.",
     ),
+    cache: bool = typer.Option(
+        True, "--cache/--no-cache", help="Reuse an earlier run's outputs of the cached steps (as KFP does)."
+    ),
 ) -> None:
     """Run a Kubeflow pipeline here through kfp.local (the components a cluster runs): training, or
     inference with --models (DATA/test.csv lists the slides and N boxes each)."""
@@ -58,10 +61,12 @@ def run(
 
     try:
         if models:
-            sub = run_inference_local(data, models, out, results_uri=results_uri, **_params(param))
+            sub = run_inference_local(
+                data, models, out, results_uri=results_uri, cache=cache, **_params(param)
+            )
             typer.echo(f"submission: {sub}\nboxes:      {sub.parent / 'boxes.csv'}")
             return
-        r = run_local(data, out, profile=profile, results_uri=results_uri, **_params(param))
+        r = run_local(data, out, profile=profile, results_uri=results_uri, cache=cache, **_params(param))
     except DigilutError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from err
@@ -70,7 +75,8 @@ def run(
         f"mean F2 = {m['mean_f2']:.4f} on the held-out patients; patch AUROC {m['patch']['auroc']:.4f}"
     )
     typer.echo(
-        f"boxes:   {r.boxes_csv}\nmetrics: {r.metrics_json}\nreport:  {r.report_html}\n({r.seconds:.0f}s)"
+        f"boxes:   {r.boxes_csv}\nmetrics: {r.metrics_json}\nreport:  {r.report_html}\n({r.seconds:.0f}s"
+        + (f"; from the cache: {', '.join(sorted(set(r.cached)))})" if r.cached else ")")
     )
 
 
@@ -83,12 +89,15 @@ def demo(
     keep: bool = typer.Option(
         False, "--keep", envvar="KEEP", help="Leave the S3 and MLflow servers running."
     ),
+    cache: bool = typer.Option(
+        True, "--cache/--no-cache", help="Reuse the last demo run's outputs of the cached steps."
+    ),
 ) -> None:
     """The whole pipeline locally: synthetic slides → local S3 + MLflow servers → kfp.local run → summary."""
     from digilut.demo import run_demo
 
     try:
-        d = run_demo(work, patients=patients, seed=seed, size=size, profile=profile, keep=keep)
+        d = run_demo(work, patients=patients, seed=seed, size=size, profile=profile, keep=keep, cache=cache)
     except DigilutError as err:
         typer.echo(f"error: {err}", err=True)
         if keep and (work / "services.json").is_file():
@@ -99,7 +108,8 @@ def demo(
         "",
         "=== digilut demo: done ===",
         f"mean F2 (held-out patients): {m['mean_f2']:.4f}   patch AUROC: {m['patch']['auroc']:.4f}",
-        f"pipeline time: {d.run.seconds:.0f}s",
+        f"pipeline time: {d.run.seconds:.0f}s"
+        + (f" (from the cache: {', '.join(sorted(set(d.run.cached)))})" if d.run.cached else ""),
         f"boxes.csv:  {d.run.boxes_csv}",
         f"report:     {d.run.report_html}",
         f"results in S3: {d.results_uri} (endpoint {d.s3_endpoint})",

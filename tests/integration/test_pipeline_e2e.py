@@ -59,6 +59,9 @@ def test_results_are_published_to_s3(pipeline_run):
         assert f"e2e/results/{name}" in keys
     assert {"e2e/results/models/fold0.pt", "e2e/results/models/fold1.pt"} <= keys
     assert any(k.startswith("e2e/results/pictures/") for k in keys)
+    pictures = {k.rsplit("/", 1)[1][: -len(".png")] for k in keys if k.startswith("e2e/results/pictures/")}
+    geojson = {k.rsplit("/", 1)[1][: -len(".geojson")] for k in keys if k.startswith("e2e/results/geojson/")}
+    assert pictures and geojson == pictures  # one QuPath GeoJSON per test slide picture
     assert any(k.startswith("mlflow/") for k in list_keys(cfg, "mlflow/"))  # MLflow artifacts in the bucket
     ckpt = set(list_keys(cfg, "e2e/checkpoints/"))  # each fold's resume point outlives the run
     for fold in (0, 1):
@@ -94,6 +97,16 @@ def test_mlflow_parent_run_has_one_child_per_fold(pipeline_run, mlflow_server):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2
     assert "mean_f2" in parent.data.metrics
+    # the pipeline's parameters on the parent, as the folds log theirs; the KFP run as tags
+    params = parent.data.params
+    assert (
+        params["folds"] == "2"
+        and params["run_name"] == "e2e"
+        and params["epochs"] == children[0].data.params["epochs"]
+    )
+    assert params["data_uri"].endswith("/e2e/data") and parent.data.tags["kfp.run_name"].startswith(
+        "digilut-training"
+    )
     assert all("val_loss" in c.data.metrics for c in children)
     assert client.get_registered_model("digilut-e2e-ensemble").name == "digilut-e2e-ensemble"
 

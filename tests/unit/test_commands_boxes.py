@@ -51,6 +51,44 @@ def test_boxes_with_truth_counts_and_another_method(tmp_path, inputs):
     assert len(pd.read_csv(out)) == 3
 
 
+def test_boxes_geojson_holds_the_csv_boxes_and_the_truth_for_qupath_and_asap(tmp_path, inputs):
+    import xml.etree.ElementTree as ET
+
+    from digilut.geojson import read_geojson_boxes
+
+    probs, truth, _ = inputs
+    out, folder = tmp_path / "boxes.csv", tmp_path / "geojson"
+    result = CliRunner().invoke(
+        app,
+        ["boxes", str(probs), str(out), "--counts-from", str(truth), "--geojson", str(folder), "--asap"],
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "p1_a.geojson",
+        "p1_a.xml",
+        "p1_b.geojson",
+        "p1_b.xml",
+    ]
+    boxes = pd.read_csv(out)
+    for slide, want_truth in (("p1_a.tif", A), ("p1_b.tif", B)):
+        back = read_geojson_boxes(folder / slide.replace(".tif", ".geojson"))
+        pred = back[back.kind == "predicted"].sort_values("rank")
+        mine = boxes[boxes.filename == slide].sort_values("rank")
+        assert (
+            pred[["x1", "x2", "y1", "y2"]].to_numpy().tolist()
+            == mine[["x1", "x2", "y1", "y2"]].to_numpy().tolist()
+        )
+        assert pred["score"].to_numpy() == pytest.approx(mine["score"].to_numpy())
+        assert sorted(map(tuple, back[back.kind == "truth"][["x1", "x2", "y1", "y2"]].to_numpy())) == sorted(
+            want_truth
+        )
+        xml = ET.parse(folder / slide.replace(".tif", ".xml")).getroot()
+        groups = [a.get("PartOfGroup") for a in xml.iter("Annotation")]
+        assert groups.count("Predicted lesion") == len(mine) and groups.count("Truth lesion") == len(
+            want_truth
+        )
+
+
 def test_boxes_errors_exit_2_with_the_reason(tmp_path, inputs):
     probs, truth, _ = inputs
     runner = CliRunner()

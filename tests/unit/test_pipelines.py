@@ -92,6 +92,17 @@ def test_caching_on_for_data_steps_off_for_the_listing_training_and_retries_on_g
     assert train["retryPolicy"]["maxRetryCount"] == 2 and train["retryPolicy"]["backoffDuration"] == "60s"
 
 
+def test_the_mlflow_parent_run_gets_every_pipeline_parameter_and_the_kfp_run():
+    spec, _ = load("training")
+    inputs = spec["root"]["dag"]["tasks"]["start-tracking"]["inputs"]["parameters"]
+    names = list(spec["root"]["inputDefinitions"]["parameters"])
+    lines = inputs["params"]["runtimeValue"]["constant"].split("\n")
+    # one name=value line per pipeline parameter, each value a KFP placeholder filled in at run time
+    assert sorted(lines) == sorted(f"{n}={{{{$.inputs.parameters['pipelinechannel--{n}']}}}}" for n in names)
+    assert inputs["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    assert inputs["kfp_run_name"]["runtimeValue"]["constant"] == "{{$.pipeline_job_name}}"
+
+
 @pytest.mark.parametrize("name", ["training", "inference"])
 def test_ingest_is_keyed_by_the_listing_parameter_and_extract_by_its_batch(name):
     """ingest's cache key is the listing's value (a parameter), extract's its batch of (name, size,

@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -132,3 +134,12 @@ def test_shard_store_is_the_folder_unless_shards_json_names_one(tmp_path):
     (tmp_path / SHARDS_NAME).write_text('{"root": "x"}')
     with pytest.raises(ShardError, match=r"shards\.json.*store"):
         shard_store(tmp_path)
+
+
+def test_file_sha256_is_the_standard_digest_of_the_whole_file(tmp_path):
+    (tmp_path / "abc").write_bytes(b"abc")  # FIPS 180-2 test vector
+    assert file_sha256(tmp_path / "abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    big = np.random.default_rng(0).integers(0, 256, 3 * (1 << 20) + 17, dtype=np.uint8).tobytes()
+    (tmp_path / "big").write_bytes(big)  # past any read-chunk boundary
+    (tmp_path / "big2").write_bytes(big[:-1] + bytes([big[-1] ^ 1]))  # last byte differs
+    assert file_sha256(tmp_path / "big") == hashlib.sha256(big).hexdigest() != file_sha256(tmp_path / "big2")

@@ -15,7 +15,7 @@ from patch_fixtures import make_patch_manifest
 from digilut.errors import ConfigError
 from digilut.model import ModelSpec, build_model, load_model, save_model
 from digilut.predict import Ensemble
-from digilut.tracking import PARENT_TAG, Tracker, TrackingConfig
+from digilut.tracking import PARENT_TAG, Tracker, TrackingConfig, kfp_run_tags, parse_pipeline_params
 from digilut.train import TrainConfig, train_fold
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU models: one thread is faster
@@ -154,3 +154,45 @@ def test_tracking_config_validation() -> None:
         TrackingConfig("http://x", request_timeout_s=0)
     with pytest.raises(ConfigError, match="experiment"):
         TrackingConfig("http://x", experiment="")
+
+
+def test_pipeline_params_text_is_parsed_like_the_fold_runs_log_them() -> None:
+    text = "data_uri=s3://b/p\nepochs=3.0\nlr=0.001\nrun_name=two\nlines\ntune_boxes=true\nresults_uri="
+    assert parse_pipeline_params(text) == {
+        "data_uri": "s3://b/p",
+        "epochs": "3",  # kfp.local writes integers as 3.0
+        "lr": "0.001",
+        "run_name": "two\nlines",  # a line without name= continues the value before it
+        "tune_boxes": "true",
+        "results_uri": "",
+    }
+    assert parse_pipeline_params("") == {}
+    assert kfp_run_tags("", "") == {}
+    assert kfp_run_tags("abc", "run-1", "https://kf.example/pipeline/")["kfp.run_url"] == (
+        "https://kf.example/pipeline/#/runs/details/abc"
+    )
+
+
+def test_start_tracking_component_logs_the_pipeline_params_on_the_parent_run(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kfp.dsl import Artifact
+
+    from components.model import start_tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.delenv("KFP_HOST", raising=False)
+    out = Artifact(name="tracking", uri=str(tmp_path / "tracking"))
+    out.path = str(tmp_path / "tracking")
+    start_tracking.python_func(
+        run_name="parent",
+        experiment="digilut",
+        tracking=out,
+        params="epochs=3.0\nfolds=2.0\nlr=0.0003\narch=resnet18",
+        kfp_run_id="7f3c",
+        kfp_run_name="digilut-training-20261129",
+    )
+    run = _client(store).get_run((tmp_path / "tracking").read_text())
+    assert run.data.params == {"epochs": "3", "folds": "2", "lr": "0.0003", "arch": "resnet18"}
+    assert run.data.tags["kfp.run_id"] == "7f3c" and run.data.tags["kfp.run_name"].startswith("digilut-")
+    assert "kfp.run_url" not in run.data.tags and out.metadata["mlflow_run_id"] == run.info.run_id
