@@ -114,8 +114,18 @@ def _task_problems(
     task: dict[str, Any], declared: dict[str, Any], own: dict[str, Any], outputs_of: Any
 ) -> list[str]:
     problems, fed = [], set()
-    for name, src in task.get("inputs", {}).get("parameters", {}).items():
+    params = task.get("inputs", {}).get("parameters", {})
+    constants = [
+        str(src["runtimeValue"].get("constant", "")) for src in params.values() if "runtimeValue" in src
+    ]
+    for name, src in params.items():
         fed.add(name)
+        if name not in declared.get("parameters", {}) and any(
+            f"{{{{$.inputs.parameters['{name}']}}}}" in c for c in constants
+        ):
+            # an f-string's channel: the driver resolves every task input and types only the declared
+            # ones; the value is pasted into the constant's text (resolve.go, resolveInputs)
+            continue
         want = declared.get("parameters", {}).get(name, {}).get("parameterType", "undeclared")
         allowed, origin = _parameter_source(src, own, outputs_of)
         if want not in allowed:

@@ -217,3 +217,20 @@ def test_minimum_backend_release_is_the_vendored_schema_and_stated_in_the_readme
     for readme in ("README.md", "manifests/README.md"):
         stated = set(re.findall(r"KFP backend ≥ ([0-9.]+)", (ROOT / readme).read_text()))
         assert stated == {short}, f"{readme} states the minimum KFP backend as {stated}, not {short}"
+
+
+def test_an_f_string_channel_is_accepted_only_where_a_constant_pastes_it():
+    """The compiler feeds an f-string's channels as extra ``pipelinechannel--…`` task inputs that the
+    component does not declare, and writes ``{{$.inputs.parameters['pipelinechannel--x']}}`` into the
+    constant: the driver resolves every task input but type-checks only the declared ones
+    (backend/src/v2/driver/resolve.go, ``resolveInputs``), so that is sound; an undeclared input that
+    no constant uses is not."""
+    spec, _ = load("training")
+    params = spec["root"]["dag"]["tasks"]["start-tracking"]["inputs"]["parameters"]
+    channels = [n for n in params if n.startswith("pipelinechannel--")]
+    assert channels and input_type_mismatches(spec) == []  # the parent run's parameter text
+    broken = copy.deepcopy(spec)
+    broken_params = broken["root"]["dag"]["tasks"]["start-tracking"]["inputs"]["parameters"]
+    broken_params["params"]["runtimeValue"]["constant"] = "no placeholder"
+    problems = input_type_mismatches(broken)
+    assert len(problems) == len(channels) and all("is declared undeclared" in p for p in problems)
