@@ -52,6 +52,7 @@ def train_fold(
     max_val_patches: int = 0,
     checkpoint_uri: str = "",
     cpu_threads: int = 0,
+    weights: str = "auto",
 ):
     """Train one fold's ResNet on a GPU (CPU without one); the model folder holds OOF predictions."""
     import shutil
@@ -72,6 +73,7 @@ def train_fold(
         patches_per_epoch=patches_per_epoch,
         max_val_patches=max_val_patches,
         cpu_threads=cpu_threads,
+        weights=weights,
     )
     tracking = TrackingConfig.from_env(experiment)  # MLflow URI and TensorBoard logdir
     parent_run_id = Path(tracking_run.path).read_text().strip()
@@ -92,6 +94,7 @@ def train_fold(
             "best_epoch": result.best_epoch,
             "framework": "pytorch",
             "mlflow_run_id": result.mlflow_run_id or "",
+            "init": result.init.get("label", ""),
         }
     )
     metrics.log_metric(f"fold{fold}_val_auroc", result.best_val_auroc)

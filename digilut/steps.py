@@ -304,7 +304,9 @@ def evaluate_step(
         boxes_config=None if tune_boxes else boxes_cfg,
     )
     ev.save(results)
-    write_report(ev, pred, test_truth, results, thumbnails=thumbnails, title=title)
+    folds = [FoldResult.load(d) for d in model_dirs]
+    models = [f"fold {r.fold}: {r.init.get('words', 'initialisation not recorded')}" for r in folds]
+    write_report(ev, pred, test_truth, results, thumbnails=thumbnails, title=title, models=models)
     (results / "models").mkdir(exist_ok=True)
     for d in model_dirs:  # the ensemble travels with the results: the inference pipeline reads it
         r = FoldResult.load(d)

@@ -47,7 +47,7 @@ from digilut.cpus import available_cpus
 from digilut.data import PatchDataset, make_loader, make_sampler, to_model_input
 from digilut.errors import ConfigError, DigilutError, TrainingInterrupted
 from digilut.manifest import read_manifest, write_manifest
-from digilut.model import build_model, save_model
+from digilut.model import BackboneInit, build_model, save_model
 from digilut.predict import amp_dtype, safe_auroc
 from digilut.shards import atomic_write, file_sha256
 from digilut.tracking import RunHandle, Tracker, TrackingConfig
@@ -84,6 +84,7 @@ class FoldResult:
     oof_file: str = "oof.parquet"
     model_sha256: str = ""  # a re-run reuses the fold only when model.pt still has this content
     data_sha256: str = ""  # hash of the fold's training and validation rows
+    init: dict[str, Any] = dataclasses.field(default_factory=dict)  # BackboneInit.to_dict(): weights used
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -359,6 +360,10 @@ def train_fold(
     if use_cuda:
         torch.backends.cudnn.benchmark = True
     model = build_model(cfg.model_spec(), cfg.weights).to(device)
+    init = model.init
+    if state is not None and "init" in state:  # resumed: what the first epoch started from
+        init = BackboneInit.from_dict(state["init"])
+    log.info("fold %d: backbone %s: %s", fold, cfg.arch, init.words)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if cfg.compile and use_cuda else model
@@ -405,7 +410,12 @@ def train_fold(
         f"fold{fold}",
         parent=parent,
         run_id=run_id,
-        tags={"digilut.fold": str(fold), "digilut.manifest": str(manifest)},
+        tags={
+            "digilut.fold": str(fold),
+            "digilut.manifest": str(manifest),
+            "digilut.init": init.label,
+            "digilut.init_words": init.words,
+        },
     )
     train_set = PatchDataset(root, data.train, augment=True, seed=cfg.seed)
     val_set = PatchDataset(root, data.val, augment=False)
@@ -419,6 +429,7 @@ def train_fold(
             "val_patches": len(data.val),
             "val_positives": n_val_pos,
             "device": str(device),
+            **init.tracking_params(),
         },
     )
     augment = cfg.colour_augment()
@@ -468,6 +479,7 @@ def train_fold(
             "format": STATE_FORMAT,
             "config": cfg.fingerprint(),
             "data_sha256": data_sha,
+            "init": init.to_dict(),
             "epoch": epoch_done,
             "finished": finished,
             "partial": partial_state,
@@ -614,6 +626,8 @@ def train_fold(
                             "val_auroc": auroc,
                             "val_loss": val_loss,
                             "config": json.dumps(cfg.fingerprint()),
+                            "init": init.label,
+                            "init_words": init.words,
                         },
                     )
                     write_manifest(data.val.assign(prob=probs, oof_fold=fold), out_dir / "oof.parquet")
@@ -679,6 +693,7 @@ def train_fold(
         history=history,
         model_sha256=file_sha256(out_dir / "model.pt"),
         data_sha256=data_sha,
+        init=init.to_dict(),
     )
     result.save(out_dir / "result.json")
     if on_checkpoint:

@@ -71,7 +71,7 @@ class TrainConfig:
     """Everything that decides a fold's training (CLI options and pipeline parameters share these names)."""
 
     arch: str = "resnet18"
-    weights: str = "auto"  # auto | imagenet | none | path of a local state_dict (never downloaded)
+    weights: str = "auto"  # none | auto (cached ImageNet, else random) | imagenet | state dict file/s3 URI
     hidden_units: int = 256
     dropout: float = 0.3
     input_px: int = 256  # patches are resized on the device (128 trains ~4× faster on a CPU)

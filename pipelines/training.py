@@ -103,6 +103,7 @@ def training(
     folds: int = _S.folds,
     neg_per_pos: float = _S.neg_per_pos,
     arch: str = _T.arch,
+    weights: str = _T.weights,
     loss: str = _T.loss,
     input_px: int = _T.input_px,
     epochs: int = _T.epochs,
@@ -171,6 +172,7 @@ def training(
             max_val_patches=max_val_patches,
             checkpoint_uri=checkpoint_uri,
             cpu_threads=cpu_threads,
+            weights=weights,
         )
         on_gpu(use_s3_and_tracking(tr)).set_caching_options(False)
     pr = predict(

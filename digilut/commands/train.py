@@ -20,7 +20,8 @@ from digilut.train_config import TrainConfig  # torch-free: the CLI starts fast
 
 _TRAIN_HELP = {
     "arch": "Backbone: resnet18 | resnet34 | resnet50.",
-    "weights": "auto (ImageNet if cached, else random) | imagenet | none | state_dict PATH; no download.",
+    "weights": "auto (ImageNet if in $TORCH_HOME, else random; never downloads) | imagenet (cached or "
+    "downloaded) | none (random) | a state dict PATH or s3:// URI (prefixes such as module. stripped).",
     "hidden_units": "Units of the MLP head's hidden layer (0 = dropout + linear).",
     "dropout": "Dropout before the last layer.",
     "input_px": "Model input size: patches are resized on the device (128 ≈ 4× faster on a CPU).",

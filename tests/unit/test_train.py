@@ -45,6 +45,7 @@ def test_fold_writes_model_oof_result_and_tensorboard(
     assert {"model.pt", "last.pt", "oof.parquet", "result.json"} <= {p.name for p in out.iterdir()}
     assert result.epochs_run == 2 and result.finished and len(result.history) == 2
     assert FoldResult.load(out) == result
+    assert result.init["label"] == "random" and result.init["words"].startswith("random initialisation")
     oof = read_manifest(out / "oof.parquet")
     df = read_manifest(manifest)
     val = df[(df["split"] == "train") & (df["fold"] == 0)]
