@@ -4,11 +4,11 @@ Slides from different labs, scanners and days differ in stain colour. ``stain_no
 maps each slide's colour statistics onto one fixed reference: every patch of a slide is converted
 to CIELAB, each channel is standardised with the **slide's** mean and standard deviation over
 tissue pixels (near-white background excluded) and rescaled to the reference's, then converted
-back to RGB; background pixels (lighter than ``TISSUE_MAX_L``) are left as they are, with a
-soft edge, so glass stays white whatever the slide's stain. The slide statistics are fitted on up to :data:`FIT_PATCHES` of the slide's tissue
-patches, spread evenly over its manifest rows, by :func:`slide_stain_stats`; training and
-prediction both use it, and the model file records ``stain_norm`` (:class:`ModelSpec`), so a model
-always sees its inputs normalised as in training.
+back to RGB; background pixels (lighter than ``TISSUE_MAX_L``) are left as they are, with a soft
+edge, so glass stays white whatever the slide's stain. The slide statistics are fitted on up to
+:data:`FIT_PATCHES` of the slide's tissue patches, spread evenly over its manifest rows, by
+:func:`slide_stain_stats`; training and prediction both use it, and the model file records
+``stain_norm`` (:class:`ModelSpec`), so a model always sees its inputs normalised as in training.
 
 The arithmetic is batched torch on the device (:func:`reinhard_normalise`, called by
 :func:`digilut.data.to_model_input`); the fit reads a few dozen patches per slide.
