@@ -53,6 +53,9 @@ def train_fold(
     checkpoint_uri: str = "",
     cpu_threads: int = 0,
     weights: str = "auto",
+    stain_norm: str = "none",
+    stain_scale: float = 0.05,
+    stain_shift: float = 0.01,
 ):
     """Train one fold's ResNet on a GPU (CPU without one); the model folder holds OOF predictions."""
     import shutil
@@ -74,6 +77,9 @@ def train_fold(
         max_val_patches=max_val_patches,
         cpu_threads=cpu_threads,
         weights=weights,
+        stain_norm=stain_norm,
+        stain_scale=stain_scale,
+        stain_shift=stain_shift,
     )
     tracking = TrackingConfig.from_env(experiment)  # MLflow URI and TensorBoard logdir
     parent_run_id = Path(tracking_run.path).read_text().strip()

@@ -24,8 +24,6 @@ import pandas as pd
 import torch
 
 log = logging.getLogger(__name__)
-
-STAIN_NORMS = ("none", "reinhard")
 FIT_PATCHES = 32  # patches per slide the statistics are fitted on
 TISSUE_MAX_L = 88.0  # CIELAB lightness above which a pixel counts as background (glass)
 # The reference: LAB mean and standard deviation over tissue pixels of a typical H&E slide at 20x.

@@ -182,12 +182,19 @@ def _validate(
     use_amp: bool,
     channels_last: bool,
     n: int,
+    stain: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, float]:
     model.eval()
     probs = np.zeros(n, np.float32)
     loss_sum = 0.0
     for batch in loader:
-        x = to_model_input(batch.images, device, input_px=cfg.input_px, channels_last=channels_last)
+        x = to_model_input(
+            batch.images,
+            device,
+            input_px=cfg.input_px,
+            channels_last=channels_last,
+            stain=None if stain is None else stain[batch.index],
+        )
         y = batch.labels.to(device)
         with torch.autocast(device.type, dtype=amp_dtype(device), enabled=use_amp):
             logits = model(x)
@@ -419,6 +426,13 @@ def train_fold(
     )
     train_set = PatchDataset(root, data.train, augment=True, seed=cfg.seed)
     val_set = PatchDataset(root, data.val, augment=False)
+    stain_train = stain_val = None
+    if cfg.stain_norm == "reinhard":  # fitted on every patch row of the fold's slides, as predict does
+        from digilut.stain import row_stain_stats, slide_stain_stats
+
+        slides = set(data.train["slide"]) | set(data.val["slide"])
+        fitted = slide_stain_stats(root, df[df["slide"].isin(slides)])
+        stain_train, stain_val = row_stain_stats(data.train, fitted), row_stain_stats(data.val, fitted)
     n_val_pos = int(data.val["label"].sum())
     tracker.log_params(
         run,
@@ -538,6 +552,7 @@ def train_fold(
                         channels_last=channels_last,
                         augment=augment,
                         generator=gen,
+                        stain=None if stain_train is None else stain_train[batch.index],
                     )
                     y = batch.labels.to(device, non_blocking=True)
                     with torch.autocast(device.type, dtype=amp_dtype(device), enabled=use_amp):
@@ -593,6 +608,7 @@ def train_fold(
                     use_amp,
                     channels_last,
                     len(val_set),
+                    stain_val,
                 )
                 auroc = safe_auroc(data.val["label"].to_numpy(), probs)
                 if cfg.schedule == "plateau":

@@ -106,6 +106,9 @@ def training(
     weights: str = _T.weights,
     loss: str = _T.loss,
     input_px: int = _T.input_px,
+    stain_norm: str = _T.stain_norm,
+    stain_scale: float = _T.stain_scale,
+    stain_shift: float = _T.stain_shift,
     epochs: int = _T.epochs,
     train_batch_size: int = _T.batch_size,
     lr: float = _T.lr,
@@ -173,6 +176,9 @@ def training(
             checkpoint_uri=checkpoint_uri,
             cpu_threads=cpu_threads,
             weights=weights,
+            stain_norm=stain_norm,
+            stain_scale=stain_scale,
+            stain_shift=stain_shift,
         )
         on_gpu(use_s3_and_tracking(tr)).set_caching_options(False)
     pr = predict(
