@@ -47,7 +47,7 @@ from digilut.cpus import available_cpus
 from digilut.data import PatchDataset, make_loader, make_sampler, to_model_input
 from digilut.errors import ConfigError, DigilutError, TrainingInterrupted
 from digilut.manifest import read_manifest, write_manifest
-from digilut.model import BackboneInit, build_model, save_model
+from digilut.model import BackboneInit, PatchClassifier, build_model, save_model
 from digilut.predict import amp_dtype, safe_auroc
 from digilut.shards import atomic_write, file_sha256
 from digilut.tracking import RunHandle, Tracker, TrackingConfig
@@ -366,10 +366,12 @@ def train_fold(
     channels_last = cfg.channels_last and use_cuda
     if use_cuda:
         torch.backends.cudnn.benchmark = True
-    model = build_model(cfg.model_spec(), cfg.weights).to(device)
-    init = model.init
-    if state is not None and "init" in state:  # resumed: what the first epoch started from
-        init = BackboneInit.from_dict(state["init"])
+    if state is not None and "init" in state:  # resumed: the weights come from the state, and the
+        init = BackboneInit.from_dict(state["init"])  # record of what the first epoch started from
+        model = PatchClassifier(cfg.model_spec()).to(device)
+    else:
+        model = build_model(cfg.model_spec(), cfg.weights).to(device)
+        init = model.init
     log.info("fold %d: backbone %s: %s", fold, cfg.arch, init.words)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -238,3 +238,20 @@ def test_stain_normalised_fold_predicts_as_it_validated(manifest: Path, tmp_path
     plain = dataclasses.replace(cfg, stain_norm="none")
     other = train_fold(manifest, 1, tmp_path / "plain", plain, CPU)
     assert other.history[0]["val_loss"] != result.history[0]["val_loss"]  # the normalisation is applied
+
+
+def test_resumed_fold_keeps_the_record_of_its_pretrained_weights(manifest: Path, tmp_path: Path) -> None:
+    import torchvision
+
+    from digilut.shards import file_sha256
+
+    weights = tmp_path / "backbone.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    label = f"file:{file_sha256(weights)[:12]}"
+    cfg = dataclasses.replace(TINY, weights=str(weights), patches_per_epoch=32)
+    first = train_fold(manifest, 0, tmp_path / "fold", cfg, CPU, max_epochs_this_run=1)
+    assert first.init["label"] == label
+    weights.unlink()  # e.g. a downloaded s3:// file, gone on the new pod: the state has the weights
+    resumed = train_fold(manifest, 0, tmp_path / "fold", cfg, CPU)
+    assert resumed.finished and resumed.init["label"] == label
+    assert load_model(tmp_path / "fold" / "model.pt", CPU).meta["init"] == label
