@@ -1,4 +1,4 @@
-"""Patch classifier construction, weight loading (never downloading) and model files."""
+"""Patch classifier construction, backbone initialisation (none, ImageNet, state dicts) and model files."""
 
 from __future__ import annotations
 
