@@ -62,6 +62,10 @@ def train_fold(
     max_val_patches: int = 0,
     checkpoint_uri: str = "",
     cpu_threads: int = 0,
+    weights: str = "auto",
+    stain_norm: str = "none",
+    stain_scale: float = 0.05,
+    stain_shift: float = 0.01,
 ):
     """Train one fold's ResNet on a GPU (CPU without one); the model folder holds OOF predictions."""
     import shutil
@@ -82,6 +86,10 @@ def train_fold(
         patches_per_epoch=patches_per_epoch,
         max_val_patches=max_val_patches,
         cpu_threads=cpu_threads,
+        weights=weights,
+        stain_norm=stain_norm,
+        stain_scale=stain_scale,
+        stain_shift=stain_shift,
     )
     tracking = TrackingConfig.from_env(experiment)  # MLflow URI and TensorBoard logdir
     parent_run_id = Path(tracking_run.path).read_text().strip()
@@ -102,6 +110,7 @@ def train_fold(
             "best_epoch": result.best_epoch,
             "framework": "pytorch",
             "mlflow_run_id": result.mlflow_run_id or "",
+            "init": result.init.get("label", ""),
         }
     )
     metrics.log_metric(f"fold{fold}_val_auroc", result.best_val_auroc)

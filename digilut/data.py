@@ -375,16 +375,22 @@ def to_model_input(
     channels_last: bool = False,
     augment: ColourAugment | None = None,
     generator: torch.Generator | None = None,
+    stain: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """uint8 ``B×H×W×3`` patches → the model's normalised float ``B×3×input_px×input_px`` input.
 
     Moves the batch to ``device`` (non-blocking from pinned memory), resizes when ``input_px``
-    differs from the patch size (antialiased), applies ``augment`` with ``generator`` (a
-    generator on ``device``), normalises with the ImageNet mean and std.
+    differs from the patch size (antialiased), maps each patch's slide stain ``stain`` (``B×2×3``
+    LAB statistics, :mod:`digilut.stain`) onto the reference when given, applies ``augment`` with
+    ``generator`` (a generator on ``device``), normalises with the ImageNet mean and std.
     """
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-1] != input_px or x.shape[-2] != input_px:
         x = F.interpolate(x, size=(input_px, input_px), mode="bilinear", antialias=True, align_corners=False)
+    if stain is not None:
+        from digilut.stain import reinhard_normalise
+
+        x = reinhard_normalise(x, stain)
     if augment is not None:
         if generator is None:
             raise ConfigError("to_model_input: augment needs a generator on the device")

@@ -89,19 +89,32 @@ class Ensemble:
     def __len__(self) -> int:
         return len(self.models)
 
+    @property
+    def needs_stain(self) -> bool:
+        """Whether a model was trained on stain-normalised patches (then give ``stain`` to predict)."""
+        return any(m.spec.stain_norm != "none" for m in self.models)
+
     @torch.inference_mode()
-    def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """Mean probability (float32, on the CPU) of uint8 ``B×H×W×3`` patches."""
-        inputs: dict[int, torch.Tensor] = {}  # one input per distinct model input size
+    def predict_batch(self, images: torch.Tensor, stain: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean probability (float32, on the CPU) of uint8 ``B×H×W×3`` patches; ``stain``: the
+        patches' slide stain statistics (``B×2×3``, :mod:`digilut.stain`), needed by
+        :attr:`needs_stain`."""
+        inputs: dict[tuple[int, str], torch.Tensor] = {}  # one input per model input size and stain
         total = torch.zeros(images.shape[0], device=self.device)
         for m in self.models:
-            px = m.spec.input_px
-            if px not in inputs:
-                inputs[px] = to_model_input(
-                    images, self.device, input_px=px, channels_last=self.channels_last
+            key = (m.spec.input_px, m.spec.stain_norm)
+            if key not in inputs:
+                if m.spec.stain_norm != "none" and stain is None:
+                    raise ConfigError(f"{m.path}: trained with stain_norm={m.spec.stain_norm}: pass stain")
+                inputs[key] = to_model_input(
+                    images,
+                    self.device,
+                    input_px=m.spec.input_px,
+                    channels_last=self.channels_last,
+                    stain=stain if m.spec.stain_norm != "none" else None,
                 )
             with torch.autocast(self.device.type, dtype=amp_dtype(self.device), enabled=self.amp):
-                logits = m.model(inputs[px])
+                logits = m.model(inputs[key])
             total += torch.sigmoid(logits.float())
         return (total / len(self.models)).cpu()
 
@@ -126,9 +139,15 @@ def predict_patches(
             num_workers=cfg.num_workers,
             pin_memory=device.type == "cuda",
         )
+        stain = None
+        if ensemble.needs_stain:  # each slide's stain fitted on its patches, as in training
+            from digilut.stain import row_stain_stats, slide_stain_stats
+
+            stain = row_stain_stats(out, slide_stain_stats(root, out))
         t0 = time.perf_counter()
         for batch in loader:
-            probs[batch.index.numpy()] = ensemble.predict_batch(batch.images).numpy()
+            batch_stain = None if stain is None else stain[batch.index]
+            probs[batch.index.numpy()] = ensemble.predict_batch(batch.images, batch_stain).numpy()
         dt = time.perf_counter() - t0
         log.info(
             "predict: %d patches × %d model(s) in %.1fs (%.0f patches/s) on %s",

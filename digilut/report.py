@@ -12,7 +12,7 @@ import base64
 import html
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,8 +83,11 @@ def write_report(
     thumbnails: str | Path | None = None,
     title: str = "digilut run",
     heatmaps: Mapping[str, Heatmap] | None = None,
+    models: Sequence[str] = (),
 ) -> Path:
     """Write the report files into ``out_dir``; return the path of ``report.html``.
+
+    ``models``: one line of words per ensemble model (e.g. its fold and initialisation).
 
     ``pred``: test patches with ``prob`` and ``label``; ``thumbnails``: a folder of ``<stem>.png``
     and ``slides.json`` (level-0 sizes) from the merge step, optional; ``heatmaps``: those of
@@ -153,6 +156,9 @@ def write_report(
         f"<tr><td>recall</td><td>{p.recall:.4f}</td><td>{o['recall']:.3f}</td></tr>",
         f"<tr><td>F1</td><td>{p.f1:.4f}</td><td>{o['f1']:.3f}</td></tr></table>",
         f"<p>threshold {p.threshold:.3f}; {p.patches} patches, {p.positives} positive</p>",
+        ("<h3>Models</h3><ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in models) + "</ul>")
+        if models
+        else "",
         _img_tag(roc, "ROC curve") if roc else "",
         f"<h3>Per slide</h3>{table}",
         "<h3>Heatmaps</h3><p>truth boxes green, predicted boxes red. Each slide's GeoJSON holds its boxes "
@@ -176,6 +182,7 @@ def write_report(
         "```",
         ev.score.format_table(),
         "```",
+        *(["", "Models:", *(f"- {m}" for m in models)] if models else []),
     ]
     (out / "report.md").write_text("\n".join(md) + "\n")
     log.info("report: %s (%d pictures)", report, len(pictures))

@@ -409,7 +409,11 @@ def evaluate_step(
     ev.save(results)
     hms = build_heatmaps(pred) if len(pred) else {}
     write_geojson(results / GEOJSON_DIR, ev.boxes, hms, test_truth, slides=sorted(hms))
-    write_report(ev, pred, test_truth, results, thumbnails=thumbnails, title=title, heatmaps=hms)
+    folds = [FoldResult.load(d) for d in model_dirs]
+    models = [f"fold {r.fold}: {r.init.get('words', 'initialisation not recorded')}" for r in folds]
+    write_report(
+        ev, pred, test_truth, results, thumbnails=thumbnails, title=title, heatmaps=hms, models=models
+    )
     (results / "models").mkdir(exist_ok=True)
     for d in model_dirs:  # the ensemble travels with the results: the inference pipeline reads it
         r = FoldResult.load(d)

@@ -549,7 +549,8 @@ def _pip_requirements() -> list[str]:
 
 
 def _ensemble_python_model() -> Any:
-    """A pyfunc model averaging the fold models: input uint8 ``N×H×W×3`` patches, output probabilities.
+    """A pyfunc model averaging the fold models: input uint8 ``N×H×W×3`` patches, output probabilities
+    (for models trained with ``stain_norm``, the patches of one call are normalised as one slide).
 
     The class is made here (MLflow is imported lazily) and pickled by value by cloudpickle; it
     needs the ``digilut`` package where it is loaded.
@@ -571,6 +572,11 @@ def _ensemble_python_model() -> Any:
             import torch
 
             images = torch.from_numpy(np.ascontiguousarray(model_input, dtype=np.uint8))
-            return self.ensemble.predict_batch(images).numpy()
+            stain = None
+            if self.ensemble.needs_stain:  # stain-normalised models: the patches given are one slide
+                from digilut.stain import tissue_lab_stats
+
+                stain = tissue_lab_stats(images).expand(len(images), 2, 3)
+            return self.ensemble.predict_batch(images, stain).numpy()
 
     return DigilutEnsemble()

@@ -47,7 +47,7 @@ from digilut.cpus import available_cpus
 from digilut.data import PatchDataset, make_loader, make_sampler, to_model_input
 from digilut.errors import ConfigError, DigilutError, TrainingInterrupted
 from digilut.manifest import read_manifest, write_manifest
-from digilut.model import build_model, save_model
+from digilut.model import BackboneInit, PatchClassifier, build_model, save_model
 from digilut.predict import amp_dtype, safe_auroc
 from digilut.shards import atomic_write, file_sha256
 from digilut.tracking import RunHandle, Tracker, TrackingConfig
@@ -87,6 +87,7 @@ class FoldResult:
     patch_bytes_fetched: int = 0  # bytes of shards read (this run), ranged GETs when they are in S3
     patch_requests: int = 0  # reads (GETs) that fetched them
     patch_local_hits: int = 0  # patches read again from the local copy instead
+    init: dict[str, Any] = dataclasses.field(default_factory=dict)  # BackboneInit.to_dict(): weights used
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -184,12 +185,19 @@ def _validate(
     use_amp: bool,
     channels_last: bool,
     n: int,
+    stain: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, float]:
     model.eval()
     probs = np.zeros(n, np.float32)
     loss_sum = 0.0
     for batch in loader:
-        x = to_model_input(batch.images, device, input_px=cfg.input_px, channels_last=channels_last)
+        x = to_model_input(
+            batch.images,
+            device,
+            input_px=cfg.input_px,
+            channels_last=channels_last,
+            stain=None if stain is None else stain[batch.index],
+        )
         y = batch.labels.to(device)
         with torch.autocast(device.type, dtype=amp_dtype(device), enabled=use_amp):
             logits = model(x)
@@ -361,7 +369,13 @@ def train_fold(
     channels_last = cfg.channels_last and use_cuda
     if use_cuda:
         torch.backends.cudnn.benchmark = True
-    model = build_model(cfg.model_spec(), cfg.weights).to(device)
+    if state is not None and "init" in state:  # resumed: the weights come from the state, and the
+        init = BackboneInit.from_dict(state["init"])  # record of what the first epoch started from
+        model = PatchClassifier(cfg.model_spec()).to(device)
+    else:
+        model = build_model(cfg.model_spec(), cfg.weights).to(device)
+        init = model.init
+    log.info("fold %d: backbone %s: %s", fold, cfg.arch, init.words)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if cfg.compile and use_cuda else model
@@ -408,10 +422,22 @@ def train_fold(
         f"fold{fold}",
         parent=parent,
         run_id=run_id,
-        tags={"digilut.fold": str(fold), "digilut.manifest": str(manifest)},
+        tags={
+            "digilut.fold": str(fold),
+            "digilut.manifest": str(manifest),
+            "digilut.init": init.label,
+            "digilut.init_words": init.words,
+        },
     )
     train_set = PatchDataset(root, data.train, augment=True, seed=cfg.seed)
     val_set = PatchDataset(root, data.val, augment=False)
+    stain_train = stain_val = None
+    if cfg.stain_norm == "reinhard":  # fitted on every patch row of the fold's slides, as predict does
+        from digilut.stain import row_stain_stats, slide_stain_stats
+
+        slides = set(data.train["slide"]) | set(data.val["slide"])
+        fitted = slide_stain_stats(root, df[df["slide"].isin(slides)])
+        stain_train, stain_val = row_stain_stats(data.train, fitted), row_stain_stats(data.val, fitted)
     n_val_pos = int(data.val["label"].sum())
     tracker.log_params(
         run,
@@ -422,6 +448,7 @@ def train_fold(
             "val_patches": len(data.val),
             "val_positives": n_val_pos,
             "device": str(device),
+            **init.tracking_params(),
         },
     )
     augment = cfg.colour_augment()
@@ -471,6 +498,7 @@ def train_fold(
             "format": STATE_FORMAT,
             "config": cfg.fingerprint(),
             "data_sha256": data_sha,
+            "init": init.to_dict(),
             "epoch": epoch_done,
             "finished": finished,
             "partial": partial_state,
@@ -529,6 +557,7 @@ def train_fold(
                         channels_last=channels_last,
                         augment=augment,
                         generator=gen,
+                        stain=None if stain_train is None else stain_train[batch.index],
                     )
                     y = batch.labels.to(device, non_blocking=True)
                     with torch.autocast(device.type, dtype=amp_dtype(device), enabled=use_amp):
@@ -584,6 +613,7 @@ def train_fold(
                     use_amp,
                     channels_last,
                     len(val_set),
+                    stain_val,
                 )
                 auroc = safe_auroc(data.val["label"].to_numpy(), probs)
                 if cfg.schedule == "plateau":
@@ -617,6 +647,8 @@ def train_fold(
                             "val_auroc": auroc,
                             "val_loss": val_loss,
                             "config": json.dumps(cfg.fingerprint()),
+                            "init": init.label,
+                            "init_words": init.words,
                         },
                     )
                     write_manifest(data.val.assign(prob=probs, oof_fold=fold), out_dir / "oof.parquet")
@@ -685,6 +717,7 @@ def train_fold(
         patch_bytes_fetched=train_set.reader.stats.bytes + val_set.reader.stats.bytes,
         patch_requests=train_set.reader.stats.requests + val_set.reader.stats.requests,
         patch_local_hits=train_set.reader.stats.hits + val_set.reader.stats.hits,
+        init=init.to_dict(),
     )
     log.info(
         "fold %d: %.1f MB of patches fetched from %s in %d reads, %d patches read again locally",

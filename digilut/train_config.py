@@ -17,6 +17,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50")
 SAMPLERS = ("weighted", "shuffle", "sequential")
 LOSSES = ("bce", "focal")
 SCHEDULES = ("cosine", "plateau")
+STAIN_NORMS = ("none", "reinhard")  # per-slide stain normalisation (digilut.stain)
 # Fields that do not change what is learnt: a resumed run may differ in them.
 _RUNTIME_FIELDS = frozenset({"num_workers", "cpu_threads", "log_every_steps"})
 
@@ -29,6 +30,7 @@ class ModelSpec:
     hidden_units: int = 256  # 0 = a single linear layer after dropout
     dropout: float = 0.3
     input_px: int = 256  # patches are resized on the device to input_px × input_px
+    stain_norm: str = "none"  # none | reinhard: each slide's colours mapped onto a reference (digilut.stain)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -39,6 +41,8 @@ class ModelSpec:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
         if not 32 <= self.input_px <= 1024:
             raise ConfigError(f"input_px={self.input_px} must be in 32..1024")
+        if self.stain_norm not in STAIN_NORMS:
+            raise ConfigError(f"stain_norm={self.stain_norm!r}: choose one of {', '.join(STAIN_NORMS)}")
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,9 @@ class ColourAugment:
     ``brightness``/``contrast``/``saturation``: multiplicative jitter, e.g. 0.1 = ×[0.9, 1.1].
     ``stain_scale``/``stain_shift``: H&E stain augmentation (Tellez et al. 2018): in the
     haematoxylin-eosin-DAB optical-density space each stain is scaled by ``1 ± stain_scale`` and
-    shifted by ``± stain_shift`` (scikit-image ``rgb2hed`` units).
+    shifted by ``± stain_shift`` (scikit-image ``rgb2hed`` units). Strengths: 0/0 = off;
+    0.05/0.01 (default) = light, the variation within one lab; 0.2/0.05 = strong (Tellez's
+    "HED-strong"), the variation between labs and scanners.
     """
 
     brightness: float = 0.1
@@ -71,10 +77,11 @@ class TrainConfig:
     """Everything that decides a fold's training (CLI options and pipeline parameters share these names)."""
 
     arch: str = "resnet18"
-    weights: str = "auto"  # auto | imagenet | none | path of a local state_dict (never downloaded)
+    weights: str = "auto"  # none | auto (cached ImageNet, else random) | imagenet | state dict file/s3 URI
     hidden_units: int = 256
     dropout: float = 0.3
     input_px: int = 256  # patches are resized on the device (128 trains ~4× faster on a CPU)
+    stain_norm: str = "none"  # none | reinhard (per-slide, fitted on its tissue; used again at prediction)
     loss: str = "bce"  # bce | focal
     pos_weight: float = 1.0  # BCE weight of positives (the weighted sampler already balances classes)
     focal_gamma: float = 2.0
@@ -135,7 +142,7 @@ class TrainConfig:
             )
 
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(self.arch, self.hidden_units, self.dropout, self.input_px)
+        return ModelSpec(self.arch, self.hidden_units, self.dropout, self.input_px, self.stain_norm)
 
     def colour_augment(self) -> ColourAugment:
         return ColourAugment(

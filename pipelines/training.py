@@ -131,8 +131,12 @@ def training(
     folds: int = _S.folds,
     neg_per_pos: float = _S.neg_per_pos,
     arch: str = _T.arch,
+    weights: str = _T.weights,
     loss: str = _T.loss,
     input_px: int = _T.input_px,
+    stain_norm: str = _T.stain_norm,
+    stain_scale: float = _T.stain_scale,
+    stain_shift: float = _T.stain_shift,
     epochs: int = _T.epochs,
     train_batch_size: int = _T.batch_size,
     lr: float = _T.lr,
@@ -211,6 +215,10 @@ def training(
             max_val_patches=max_val_patches,
             checkpoint_uri=checkpoint_uri,
             cpu_threads=cpu_threads,
+            weights=weights,
+            stain_norm=stain_norm,
+            stain_scale=stain_scale,
+            stain_shift=stain_shift,
         )
         with_scratch(on_gpu(use_s3_and_tracking(tr)), TRAIN_SCRATCH).set_caching_options(False)
     pr = predict(

@@ -20,7 +20,8 @@ from digilut.train_config import TrainConfig  # torch-free: the CLI starts fast
 
 _TRAIN_HELP = {
     "arch": "Backbone: resnet18 | resnet34 | resnet50.",
-    "weights": "auto (ImageNet if cached, else random) | imagenet | none | state_dict PATH; no download.",
+    "weights": "auto (ImageNet if in $TORCH_HOME, else random; never downloads) | imagenet (cached or "
+    "downloaded) | none (random) | a state dict PATH or s3:// URI (prefixes such as module. stripped).",
     "hidden_units": "Units of the MLP head's hidden layer (0 = dropout + linear).",
     "dropout": "Dropout before the last layer.",
     "input_px": "Model input size: patches are resized on the device (128 ≈ 4× faster on a CPU).",
@@ -41,8 +42,9 @@ _TRAIN_HELP = {
     "brightness": "Colour jitter: brightness ± this fraction.",
     "contrast": "Colour jitter: contrast ± this fraction.",
     "saturation": "Colour jitter: saturation ± this fraction.",
-    "stain_scale": "H&E stain augmentation: scale jitter per stain.",
-    "stain_shift": "H&E stain augmentation: shift jitter per stain (scikit-image rgb2hed units).",
+    "stain_scale": "H&E stain augmentation: scale jitter per stain (0 off, 0.05 light, 0.2 strong).",
+    "stain_shift": "H&E stain augmentation: shift per stain, rgb2hed units (0 off, 0.01 light, 0.05 strong).",
+    "stain_norm": "none | reinhard: per-slide stain normalisation fitted on its tissue, kept for prediction.",
     "amp": "bf16 autocast on CUDA.",
     "channels_last": "channels-last memory format on CUDA.",
     "compile": "torch.compile the model on CUDA.",

@@ -45,6 +45,7 @@ def pipeline_run(s3_server, mlflow_server, tmp_path_factory):
             run_name="e2e",
             register_model="digilut-e2e-ensemble",
             checkpoint_uri=f"s3://{cfg.bucket}/e2e/checkpoints",
+            stain_norm="reinhard",  # per-slide stain normalisation, in training and in both predictions
         )
     finally:
         mp.undo()
@@ -83,6 +84,9 @@ def test_boxes_and_score(pipeline_run):
         assert s["n_truth"] == n and int((boxes.filename == slide).sum()) == n
     assert 0.0 <= metrics["mean_f2"] <= 1.0
     assert 0.0 <= metrics["patch"]["auroc"] <= 1.0
+    report = result.report_html.with_name("report.md").read_text()
+    for fold in (0, 1):  # the initialisation in words (ImageNet where torch's cache has it)
+        assert re.search(rf"- fold {fold}: (random initialisation|ImageNet weights)", report), report
 
 
 def test_mlflow_parent_run_has_one_child_per_fold(pipeline_run, mlflow_server):
@@ -108,6 +112,9 @@ def test_mlflow_parent_run_has_one_child_per_fold(pipeline_run, mlflow_server):
         "digilut-training"
     )
     assert all("val_loss" in c.data.metrics for c in children)
+    for c in children:  # the initialisation really used, and the stain normalisation
+        assert c.data.params["init"] in ("random", "imagenet") and c.data.params["stain_norm"] == "reinhard"
+        assert c.data.tags["digilut.init"] == c.data.params["init"]
     assert client.get_registered_model("digilut-e2e-ensemble").name == "digilut-e2e-ensemble"
 
 

@@ -262,3 +262,20 @@ def test_cli_reports_an_unreachable_endpoint(s3_env, monkeypatch, tmp_path):
     result = CliRunner().invoke(app, ["-q", "s3", "upload", str(tmp_path), "s3://digilut/x"])
     assert result.exit_code == 2
     assert f"127.0.0.1:{port}" in result.output and "unreachable" in result.output
+
+
+def test_pretrained_weights_load_from_an_s3_uri_and_are_recorded_by_hash(s3_env, s3_prefix, tmp_path):
+    import torch
+    import torchvision
+
+    from digilut.model import ModelSpec, build_model
+
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "ssl.pth"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in reference.state_dict().items()}}, path)
+    key = f"{s3_prefix}/weights/ssl.pth"
+    upload_file(s3_env, path, key)
+    model = build_model(ModelSpec(input_px=64), f"s3://{s3_env.bucket}/{key}")
+    torch.testing.assert_close(model.backbone.conv1.weight, reference.conv1.weight)
+    assert model.init.label == f"file:{_sha256(path)[:12]}" and model.init.prefix == "backbone."
+    assert model.init.source == f"s3://{s3_env.bucket}/{key}"

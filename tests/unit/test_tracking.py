@@ -45,16 +45,28 @@ def _client(uri: str):
 
 
 def test_pipeline_parent_and_fold_child_runs(store: str, manifest: Path, tmp_path: Path) -> None:
+    import torchvision
+
+    from digilut.shards import file_sha256
+
+    weights = tmp_path / "ssl.pt"  # a self-supervised checkpoint: prefixed keys and a projector
+    state = {f"module.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()}
+    torch.save({"state_dict": state | {"module.projector.weight": torch.zeros(4, 512)}}, weights)
+    cfg = dataclasses.replace(QUICK, weights=str(weights))
     with Tracker(TrackingConfig(store)) as tracker:
         parent = tracker.start_run("pipeline")
         tracker.log_params(parent, {"folds": 2})
-        result = train_fold(manifest, 0, tmp_path, QUICK, CPU, tracker=tracker, parent=parent)
+        result = train_fold(manifest, 0, tmp_path / "fold0", cfg, CPU, tracker=tracker, parent=parent)
         tracker.end_run(parent)
         assert tracker.flush(120)
     client = _client(store)
     child = client.get_run(result.mlflow_run_id)
     assert child.data.tags[PARENT_TAG] == parent.run_id and child.info.status == "FINISHED"
     assert child.data.params["lr"] == str(QUICK.lr) and child.data.params["fold"] == "0"
+    label = f"file:{file_sha256(weights)[:12]}"  # the initialisation really used, not weights=…
+    assert child.data.params["init"] == label == child.data.tags["digilut.init"] == result.init["label"]
+    assert child.data.params["init_missing_keys"] == "0" and child.data.params["init_unexpected_keys"] == "1"
+    assert "pretrained weights from" in child.data.tags["digilut.init_words"]
     history = client.get_metric_history(child.info.run_id, "val_auroc")
     assert [m.step for m in history] == [0, 1]
     assert [m.value for m in history] == pytest.approx([h["val_auroc"] for h in result.history])
@@ -63,7 +75,7 @@ def test_pipeline_parent_and_fold_child_runs(store: str, manifest: Path, tmp_pat
     import mlflow.pytorch
 
     logged = mlflow.pytorch.load_model(f"{child.info.artifact_uri}/model").eval()
-    mine = load_model(tmp_path / "model.pt", CPU).model
+    mine = load_model(tmp_path / "fold0" / "model.pt", CPU).model
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(logged(x), mine(x))

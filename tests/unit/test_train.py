@@ -45,6 +45,7 @@ def test_fold_writes_model_oof_result_and_tensorboard(
     assert {"model.pt", "last.pt", "oof.parquet", "result.json"} <= {p.name for p in out.iterdir()}
     assert result.epochs_run == 2 and result.finished and len(result.history) == 2
     assert FoldResult.load(out) == result
+    assert result.init["label"] == "random" and result.init["words"].startswith("random initialisation")
     oof = read_manifest(out / "oof.parquet")
     df = read_manifest(manifest)
     val = df[(df["split"] == "train") & (df["fold"] == 0)]
@@ -156,6 +157,7 @@ def test_focal_plateau_run_finishes(manifest: Path, tmp_path: Path) -> None:
         ({"arch": "resnet101"}, "arch='resnet101'"),
         ({"input_px": 8}, "input_px=8"),
         ({"stain_scale": 2.0}, "stain_scale=2.0"),
+        ({"stain_norm": "macenko"}, "stain_norm=.macenko.: choose one of none, reinhard"),
         ({"focal_alpha": 0.0}, "focal_alpha=0.0"),
     ],
 )
@@ -221,3 +223,35 @@ def test_fold_resumes_on_a_new_machine_from_its_checkpoint_folder(
         checkpoint_uri=str(ckpt),
     )
     assert "already trained" in caplog.text and again.model_sha256 == resumed.model_sha256
+
+
+def test_stain_normalised_fold_predicts_as_it_validated(manifest: Path, tmp_path: Path) -> None:
+    cfg = dataclasses.replace(TINY, epochs=1, stain_norm="reinhard", patches_per_epoch=32)
+    result = train_fold(manifest, 1, tmp_path, cfg, CPU)
+    oof = read_manifest(tmp_path / "oof.parquet")
+    assert load_model(tmp_path / "model.pt", CPU).spec.stain_norm == "reinhard"
+    rows = oof.drop(columns=["prob"])
+    again = predict_patches(rows, manifest.parent, [tmp_path / "model.pt"], PredictConfig(num_workers=0), CPU)
+    # prediction fits each slide's stain on the same patches and normalises as validation did
+    np.testing.assert_allclose(again["prob"], oof["prob"], atol=1e-5)
+    assert result.val_patches == len(oof)
+    plain = dataclasses.replace(cfg, stain_norm="none")
+    other = train_fold(manifest, 1, tmp_path / "plain", plain, CPU)
+    assert other.history[0]["val_loss"] != result.history[0]["val_loss"]  # the normalisation is applied
+
+
+def test_resumed_fold_keeps_the_record_of_its_pretrained_weights(manifest: Path, tmp_path: Path) -> None:
+    import torchvision
+
+    from digilut.shards import file_sha256
+
+    weights = tmp_path / "backbone.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    label = f"file:{file_sha256(weights)[:12]}"
+    cfg = dataclasses.replace(TINY, weights=str(weights), patches_per_epoch=32)
+    first = train_fold(manifest, 0, tmp_path / "fold", cfg, CPU, max_epochs_this_run=1)
+    assert first.init["label"] == label
+    weights.unlink()  # e.g. a downloaded s3:// file, gone on the new pod: the state has the weights
+    resumed = train_fold(manifest, 0, tmp_path / "fold", cfg, CPU)
+    assert resumed.finished and resumed.init["label"] == label
+    assert load_model(tmp_path / "fold" / "model.pt", CPU).meta["init"] == label
