@@ -28,6 +28,25 @@ def test_dataset_layout_csv_and_pyramid(tiny_data):
     assert float(osl.properties["openslide.mpp-x"]) == pytest.approx(0.25)
 
 
+def test_each_reduced_level_is_the_area_average_of_the_finer_one(tiny_data):
+    """As scanners write pyramids: the garbled-tile check compares levels, so they must agree."""
+    from digilut.slide import LevelReader, read_slide_info
+
+    info = read_slide_info(sorted((tiny_data / "images").iterdir())[0])
+    finer = None
+    for lv in info.levels:
+        with LevelReader(info, lv.index) as reader:
+            px = reader.read(0, 0, lv.width, lv.height).astype(np.float32)
+        if finer is not None:
+            h, w = px.shape[:2]
+            average = finer[: 2 * h, : 2 * w].reshape(h, 2, w, 2, 3).mean(axis=(1, 3))
+            diff = np.abs(average - px)
+            assert diff.mean() < 2.0 and np.percentile(diff, 99) < 12  # JPEG noise only
+            # not trivially so: the level has tissue texture, not glass only
+            assert px.std() > 10
+        finer = px
+
+
 def test_fast_reads_the_pyramid_and_its_spacing(tiny_data):
     import fast
 
