@@ -67,12 +67,32 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path):
 
 
 def test_lesions_are_darker_and_denser_than_tissue_around_them(tiny_data):
+    """Inside every lesion box: darker than the tissue in a ring around it, and more nuclei (dark
+    purple pixels) per area — what the classifier must learn to see."""
     boxes = pd.read_csv(tiny_data / "train.csv")
-    row = boxes.iloc[0]
-    osl = openslide.OpenSlide(tiny_data / "images" / row.filename)
-    cx, cy = (row.x1 + row.x2) // 2, (row.y1 + row.y2) // 2
-    inside = np.asarray(osl.read_region((cx - 64, cy - 64), 0, (128, 128)))[..., :3].astype(float)
-    assert inside.mean() < 170  # dark purple, not glass (242) nor pink stroma (~200)
+    assert len(boxes) >= 2
+    compared = 0
+    for row in boxes.itertuples():
+        osl = openslide.OpenSlide(tiny_data / "images" / row.filename)
+        x1, x2, y1, y2 = row.x1, row.x2, row.y1, row.y2
+        m = 256  # the ring around the box
+        rx, ry = max(0, x1 - m), max(0, y1 - m)
+        w, h = min(row.max_x, x2 + m) - rx, min(row.max_y, y2 + m) - ry
+        img = np.asarray(osl.read_region((int(rx), int(ry)), 0, (int(w), int(h))))[..., :3].astype(float)
+        inner = np.zeros(img.shape[:2], bool)
+        cx, cy, qx, qy = x1 - rx, y1 - ry, (x2 - x1) // 4, (y2 - y1) // 4
+        inner[cy + qy : cy + 3 * qy, cx + qx : cx + 3 * qx] = True  # the lesion's core
+        ring = np.ones_like(inner)
+        ring[max(0, cy - 32) : cy + (y2 - y1) + 32, max(0, cx - 32) : cx + (x2 - x1) + 32] = False
+        tissue = img.mean(axis=2) < 225  # not glass
+        ring &= tissue
+        if ring.sum() < 2000:
+            continue  # a box at a tissue edge: too little tissue around it to compare
+        nuclei = img.mean(axis=2) < 110
+        assert img[inner].mean() < img[ring].mean() - 15, row.filename
+        assert nuclei[inner].mean() > 2 * nuclei[ring].mean(), row.filename
+        compared += 1
+    assert compared >= 2
 
 
 def test_box_sizes_follow_the_real_distribution():
