@@ -361,7 +361,8 @@ def extract_slide(
             drop = set(garbled.tolist())
             jpegs = [jp for j, jp in enumerate(jpegs) if j not in drop]
             kept = [i for j, i in enumerate(kept) if j not in drop]
-        if calibration != LevelCalibration():
+        slope, offset = np.asarray(calibration.slope), np.asarray(calibration.offset)
+        if np.abs(slope - 1).max() > 0.02 or np.abs(offset).max() > 2:  # levels that differ in colour
             log.info(
                 "%s: level %d = its reference level's colour × %s + %s (per channel)",
                 name,
