@@ -147,11 +147,15 @@ def oracle_patches(
     )
 
 
-def synth_case(layout: str, grid: Grid, noisy: bool, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(patches of every slide, truth boxes) for one layout × grid × noise; the same lesions per seed."""
+def synth_case(
+    layout: str, grid: Grid, noisy: bool, seed: int = 0, slides: int | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(patches of every slide — or the first ``slides`` — and truth boxes) for one layout × grid ×
+    noise; the same lesions per seed."""
     sizes = load_sizes()
     patches, truth = [], []
-    for k, (slide_idx, group) in enumerate(sizes.groupby("slide", sort=True)):
+    groups = list(sizes.groupby("slide", sort=True))[:slides]
+    for k, (slide_idx, group) in enumerate(groups):
         name = f"oracle{slide_idx:03d}_a.tif"
         boxes = place_slide(group, layout, np.random.default_rng([seed, k]))
         truth += [(name, *bx) for bx in boxes]
@@ -260,12 +264,18 @@ TUNE_GRID = {"high": (0.3, 0.45, 0.6, 0.75), "low": (0.15, 0.3), "fit_miss_weigh
 
 
 def main(out: Path) -> None:
+    from bench import quick, write_table
+
     out.mkdir(parents=True, exist_ok=True)
+    # quick: 6 slides, one layout and grid, one tuning point
+    slides = 6 if quick() else None
+    layouts, grids = (("real gaps",), GRIDS[:1]) if quick() else (("spread", "real gaps"), GRIDS)
+    tune_grid = {"high": (0.6,)} if quick() else TUNE_GRID
     rows = []
-    for layout in ("spread", "real gaps"):
-        for grid in GRIDS:
+    for layout in layouts:
+        for grid in grids:
             for noisy in (False, True):
-                patches, truth = synth_case(layout, grid, noisy)
+                patches, truth = synth_case(layout, grid, noisy, slides=slides)
                 for mname, cfg in METHODS.items():
                     t0 = time.perf_counter()
                     res = evaluate(patches, truth, cfg)
@@ -290,46 +300,47 @@ def main(out: Path) -> None:
     table = pd.DataFrame(rows)
     table.to_csv(out / "boxes_bench.csv", index=False)
     pd.set_option("display.width", 200)
-    print(
-        f"{len(load_sizes())} real box sizes of {load_sizes()['slide'].nunique()} slides; "
-        f"perfect classifier = patch positive when boxes cover ≥ {LABEL_MIN_OVERLAP:.0%} of it"
-    )
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    sizes = load_sizes()
+    n_slides = sizes["slide"].nunique() if slides is None else min(slides, sizes["slide"].nunique())
+    lines = [
+        f"real box sizes of {n_slides} slides; "
+        f"perfect classifier = patch positive when boxes cover ≥ {LABEL_MIN_OVERLAP:.0%} of it",
+        table.to_string(index=False, float_format=lambda v: f"{v:.3f}"),
+    ]
 
     # Tuning as on out-of-fold predictions: an under-confident classifier (noisy probabilities × 0.6,
     # so the default seed threshold 0.75 is never reached); tune on even slides, score the odd ones.
-    patches, truth = synth_case("real gaps", GRIDS[0], True, seed=1)
+    patches, truth = synth_case("real gaps", GRIDS[0], True, seed=1, slides=slides)
     patches["prob"] *= 0.6
     names = sorted(truth["filename"].unique())
     a, b = set(names[::2]), set(names[1::2])
     t0 = time.perf_counter()
-    tuned = tune_boxes(patches[patches["slide"].isin(a)], truth[truth["filename"].isin(a)], TUNE_GRID)
+    tuned = tune_boxes(patches[patches["slide"].isin(a)], truth[truth["filename"].isin(a)], tune_grid)
     held_p, held_t = patches[patches["slide"].isin(b)], truth[truth["filename"].isin(b)]
     held, base = evaluate(held_p, held_t, tuned.best), evaluate(held_p, held_t, BoxesConfig())
     best = tuned.best
-    print(
+    lines.append(
         f"\ntune_boxes ({len(tuned.table)} configurations, {time.perf_counter() - t0:.0f}s) on {len(a)} "
         f"noisy real-gap slides with probabilities × 0.6 (seed 1): high={best.high} low={best.low} "
         f"fit_miss_weight={best.fit_miss_weight}, tuning F2 {tuned.best_f2:.3f}; "
         f"on the other {len(b)}: {held['mean_f2']:.3f} (defaults {base['mean_f2']:.3f})"
     )
-    key = table[
-        (table["layout"] == "spread")
-        & (table["grid"] == GRIDS[0].name)
-        & (table["method"] == "hysteresis+fit")
-    ]
+    key = table[(table["grid"] == GRIDS[0].name) & (table["method"] == "hysteresis+fit")]
+    key = key[key["layout"] == layouts[0]]
     for noise, goal_name in (("none", "clean"), ("5%+/20%-", "noisy")):
         got = float(key.loc[key["noise"] == noise, "mean_f2"].iloc[0])
         verdict = "PASS" if got >= GOALS[goal_name] else "FAIL"
-        where = f"spread, {GRIDS[0].name}, defaults"
-        print(f"goal {goal_name} ({where}): mean F2 {got:.3f} ≥ {GOALS[goal_name]} → {verdict}")
+        where = f"{layouts[0]}, {GRIDS[0].name}, defaults"
+        lines.append(f"goal {goal_name} ({where}): mean F2 {got:.3f} ≥ {GOALS[goal_name]} → {verdict}")
+    write_table(out, "\n".join(lines))
 
 
 def _figures(out: Path, patches: pd.DataFrame, truth: pd.DataFrame, cfg: BoxesConfig, tag: str) -> None:
     """A few example slides as the report pictures show them."""
     names = sorted(truth["filename"].unique())
     by_count = truth.groupby("filename").size()
-    picks = [names[0], str(by_count.idxmax()), str(by_count[by_count == 3].index[0])]
+    threes = [str(n) for n in by_count[by_count == 3].index[:1]]
+    picks = list(dict.fromkeys([names[0], str(by_count.idxmax()), *threes]))
     sub = patches[patches["slide"].isin(picks)]
     hms = build_heatmaps(sub)
     counts = {n: int(by_count[n]) for n in picks}

@@ -12,8 +12,11 @@ Always (CPU):
   at stride 128 → ensemble prediction → boxes (defaults; and tuned on out-of-fold predictions made
   at stride 128 too) → mean F2; the same boxes step on perfect patch labels (its bound) with the
   reason of every miss (:func:`bench.boxes.miss_reasons`). Goals: mean F2 ≥ 0.80 and patch
-  AUROC ≥ 0.95. ``DIGILUT_BENCH_QUICK=1`` skips it. Folds already trained in ``bench-out`` are
-  reused (``train_s`` is then ~0).
+  AUROC ≥ 0.95. Folds already trained in ``bench-out`` are reused (``train_s`` is then ~0).
+
+Quick mode (``python -m bench --quick``): the same steps on tiny slides (3 patients, 2 folds, the
+training slides standing in for held-out ones), 1 epoch at 32 px, a few loader/CPU batches:
+seconds, figures not meaningful.
 
 On a GPU (when ``torch.cuda.is_available()``), in the same run: ResNet18 at 256 px, eager fp32 vs
 bf16 autocast + channels-last (+ torch.compile), with synthetic device tensors and with the real
@@ -48,8 +51,22 @@ QUALITY = {
     "max_val_patches": 0,
     "num_workers": 1,
 }
+# Quick mode (bench.quick()): the same run on tiny inputs, to prove the code still runs.
+# (no held-out patients: the training slides stand in for them)
+QUICK = {"train_patients": 3, "heldout_patients": 0, "folds": 2, "size": "tiny", "workers": 0}
+QUICK_QUALITY = {**QUALITY, "input_px": 32, "epochs": 1, "batch_size": 16, "patches_per_epoch": 32,
+                 "max_val_patches": 32, "num_workers": 0, "hidden_units": 16}  # fmt: skip
 GOALS = {"mean_f2": 0.80, "patch_auroc": 0.95, "loader_per_worker": 1000.0, "gpu_train_real": 8000.0,
          "amp_speedup": 2.0, "ensemble_s": 2.0}  # fmt: skip
+
+
+def _scale() -> dict[str, Any]:
+    """Patients, folds, slide size and extraction workers of this run (quick or full)."""
+    from bench import quick
+
+    full = {"train_patients": TRAIN_PATIENTS, "heldout_patients": HELDOUT_PATIENTS, "folds": FOLDS,
+            "size": "demo", "workers": 2}  # fmt: skip
+    return QUICK if quick() else full
 
 
 def _load_average() -> str:
@@ -68,27 +85,35 @@ def prepare_data(out: Path) -> tuple[Path, Path, Path, Path]:
     from digilut.split import SplitConfig, split_dataset
     from digilut.synth import SynthConfig, synth_dataset
 
+    sc = _scale()
     train_raw, held_raw = out / "synth-train", out / "synth-heldout"
-    for folder, patients, seed in ((train_raw, TRAIN_PATIENTS, 0), (held_raw, HELDOUT_PATIENTS, 1)):
+    plan = [(train_raw, sc["train_patients"], 0), (held_raw, sc["heldout_patients"], 1)]
+    if not sc["heldout_patients"]:  # quick: the training slides stand in for held-out ones
+        held_raw, plan = train_raw, plan[:1]
+    for folder, patients, seed in plan:
         if (
             not (folder / "train.csv").is_file()
             or len(list((folder / "images").glob("*.tif"))) < 2 * patients
         ):
             t0 = time.perf_counter()
-            synth_dataset(folder, SynthConfig(patients=patients, seed=seed, size="demo"))
-            print(f"synth {folder.name}: {2 * patients} demo slides in {time.perf_counter() - t0:.0f}s")
+            synth_dataset(folder, SynthConfig(patients=patients, seed=seed, size=sc["size"]))
+            took = time.perf_counter() - t0
+            print(f"synth {folder.name}: {2 * patients} {sc['size']} slides in {took:.0f}s")
+    workers = sc["workers"]
     split_path = out / "train-patches" / "split.parquet"
     if not split_path.is_file():
-        prepare_dataset(train_raw, out / "train-patches", ExtractConfig(stride_px=256), workers=2)
+        prepare_dataset(train_raw, out / "train-patches", ExtractConfig(stride_px=256), workers=workers)
         df = read_manifest(out / "train-patches" / "manifest.parquet", require=("label",))
         write_manifest(
-            split_dataset(df, SplitConfig(test_fraction=0.0, folds=FOLDS, neg_per_pos=3.0)), split_path
+            split_dataset(df, SplitConfig(test_fraction=0.0, folds=sc["folds"], neg_per_pos=3.0)), split_path
         )
-    held_path = out / "heldout-patches" / "manifest.parquet"
-    if not held_path.is_file():
-        prepare_dataset(held_raw, out / "heldout-patches", ExtractConfig(stride_px=128), workers=2)
     if not (out / "train-patches-128" / "manifest.parquet").is_file():
-        prepare_dataset(train_raw, out / "train-patches-128", ExtractConfig(stride_px=128), workers=2)
+        prepare_dataset(train_raw, out / "train-patches-128", ExtractConfig(stride_px=128), workers=workers)
+    held_path = out / "heldout-patches" / "manifest.parquet"
+    if held_raw == train_raw:
+        held_path = out / "train-patches-128" / "manifest.parquet"
+    elif not held_path.is_file():
+        prepare_dataset(held_raw, out / "heldout-patches", ExtractConfig(stride_px=128), workers=workers)
     return split_path, train_raw / "train.csv", held_path, held_raw / "train.csv"
 
 
@@ -104,7 +129,7 @@ def _cpu_s() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def bench_loader(manifest: Path, n: int = 1536, batch: int = 64) -> dict[str, float]:
+def bench_loader(manifest: Path, n: int = 1536, batch: int = 64, px: int = 256) -> dict[str, float]:
     """Loader patches/s in process (one worker's work) and with 2 worker processes.
 
     Per core = patches per CPU second of this process and its workers: the figure that does not
@@ -134,7 +159,7 @@ def bench_loader(manifest: Path, n: int = 1536, batch: int = 64) -> dict[str, fl
     cpu_dev = torch.device("cpu")
     res["device_transform_cpu"] = _rate(
         batch * 2,
-        lambda: [to_model_input(batch_u8, cpu_dev, input_px=256, augment=ColourAugment(), generator=gen)
+        lambda: [to_model_input(batch_u8, cpu_dev, input_px=px, augment=ColourAugment(), generator=gen)
                  for _ in range(2)],
     )  # fmt: skip
     return res
@@ -209,7 +234,7 @@ def bench_train(
     return seen / (time.perf_counter() - t0)
 
 
-def bench_cpu(out: Path) -> dict[str, float]:
+def bench_cpu(out: Path, sizes_px: tuple[int, ...] = (128, 256)) -> dict[str, float]:
     import torch
 
     from digilut.model import build_model, save_model
@@ -222,13 +247,14 @@ def bench_cpu(out: Path) -> dict[str, float]:
     try:
         for nt in sorted({1, threads}):
             torch.set_num_threads(nt)
-            for px in (128, 256):
+            for px in sizes_px:
                 res[f"cpu_train_{px}px_{nt}t"] = bench_train(cpu, px=px, batch=16, steps=2, warm=1)
-            path = save_model(out / "cpu-model.pt", build_model(ModelSpec(input_px=256), "none"))
+            px = sizes_px[-1]
+            path = save_model(out / "cpu-model.pt", build_model(ModelSpec(input_px=px), "none"))
             ens = Ensemble.load([path], cpu)
-            images = torch.randint(0, 256, (32, 256, 256, 3), dtype=torch.uint8)
+            images = torch.randint(0, 256, (32, px, px, 3), dtype=torch.uint8)
             ens.predict_batch(images)
-            res[f"cpu_infer_256px_{nt}t"] = _rate(
+            res[f"cpu_infer_{px}px_{nt}t"] = _rate(
                 64, lambda e=ens, x=images: [e.predict_batch(x) for _ in range(2)]
             )
     finally:
@@ -289,9 +315,11 @@ def bench_gpu(out: Path, manifest: Path, heldout: Path) -> dict[str, float]:
 def quality_run(
     out: Path, manifest: Path, train_csv: Path, heldout: Path, heldout_csv: Path
 ) -> dict[str, Any]:
-    """Train every fold with :data:`QUALITY`, predict the held-out patients, score end to end."""
+    """Train every fold with :data:`QUALITY` (quick: :data:`QUICK_QUALITY`), predict the held-out
+    patients, score end to end."""
     import torch
 
+    from bench import quick
     from bench.boxes import miss_reasons
     from digilut.boxes import BoxesConfig
     from digilut.evaluate import evaluate_predictions
@@ -305,13 +333,14 @@ def quality_run(
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)  # the loader worker has the other core; faster on a busy 2-core box
-    cfg = TrainConfig(**QUALITY)  # type: ignore[arg-type]
+    quality, folds = (QUICK_QUALITY if quick() else QUALITY), _scale()["folds"]
+    cfg = TrainConfig(**quality)  # type: ignore[arg-type]
     t0 = time.perf_counter()
-    results = [train_fold(manifest, k, out / "models" / f"fold{k}", cfg, device) for k in range(FOLDS)]
+    results = [train_fold(manifest, k, out / "models" / f"fold{k}", cfg, device) for k in range(folds)]
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     held = read_manifest(heldout)
-    models = [out / "models" / f"fold{k}" / "model.pt" for k in range(FOLDS)]
+    models = [out / "models" / f"fold{k}" / "model.pt" for k in range(folds)]
     pred = predict_patches(held, heldout.parent, models, PredictConfig(batch_size=128, num_workers=1), device)
     predict_s = time.perf_counter() - t0
     write_manifest(pred, out / "heldout-pred.parquet")
@@ -336,10 +365,10 @@ def quality_run(
     print(misses.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     return {
         "config": {
-            **QUALITY,
-            "folds": FOLDS,
-            "train_patients": TRAIN_PATIENTS,
-            "heldout_patients": HELDOUT_PATIENTS,
+            **quality,
+            "folds": folds,
+            "train_patients": _scale()["train_patients"],
+            "heldout_patients": _scale()["heldout_patients"],
         },
         "fold_val_auroc": [r.best_val_auroc for r in results],
         "train_patches_per_fold": [r.train_patches for r in results],
@@ -370,7 +399,7 @@ def oof_at_stride_128(out: Path, manifest: Path, device: Any) -> pd.DataFrame:
     grid = manifest.parent.parent / "train-patches-128"  # beside train-patches/ (prepare_data)
     rows = read_manifest(grid / "manifest.parquet")
     parts = []
-    for k in range(FOLDS):
+    for k in range(_scale()["folds"]):
         held = rows[rows["slide"].map(fold_of).eq(k)]
         model = out / "models" / f"fold{k}" / "model.pt"
         parts.append(
@@ -382,21 +411,22 @@ def oof_at_stride_128(out: Path, manifest: Path, device: Any) -> pd.DataFrame:
 def main(out: Path) -> None:
     import torch
 
+    from bench import quick, write_table
+
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     manifest, train_csv, heldout, heldout_csv = prepare_data(out)
     print(f"data ready in {time.perf_counter() - t0:.0f}s (load average {_load_average()})")
     figures: dict[str, Any] = {"cpu_count": os.cpu_count(), "load_average_start": _load_average()}
-    figures.update(bench_loader(manifest))
-    figures.update(bench_cpu(out))
+    figures.update(bench_loader(manifest, n=64, batch=16, px=32) if quick() else bench_loader(manifest))
+    figures.update(bench_cpu(out, (32,)) if quick() else bench_cpu(out))
     if torch.cuda.is_available():
         figures["gpu"] = torch.cuda.get_device_name()
         figures.update(bench_gpu(out, manifest, heldout))
-    if os.environ.get("DIGILUT_BENCH_QUICK") != "1":
-        figures["quality"] = quality_run(out, manifest, train_csv, heldout, heldout_csv)
+    figures["quality"] = quality_run(out, manifest, train_csv, heldout, heldout_csv)
     figures["load_average_end"] = _load_average()
     (out / "figures.json").write_text(json.dumps(figures, indent=2, default=float))
-    print(format_table(figures))
+    write_table(out, format_table(figures))
 
 
 def format_table(f: dict[str, Any]) -> str:
@@ -406,7 +436,7 @@ def format_table(f: dict[str, Any]) -> str:
         ("loader in process, wall clock", f"{f['loader_0w_wall']:,.0f} patches/s", ""),
         ("loader 2 workers, per core (CPU time)", f"{f['loader_2w_per_core']:,.0f} patches/s", ""),
         ("loader 2 workers, wall clock (total)", f"{f['loader_2w_wall']:,.0f} patches/s", ""),
-        ("device transform on CPU (256 px, aug)", f"{f['device_transform_cpu']:,.0f} patches/s", ""),
+        ("device transform on CPU (aug)", f"{f['device_transform_cpu']:,.0f} patches/s", ""),
     ]  # fmt: skip
     for key in sorted(k for k in f if k.startswith("cpu_")):
         if key == "cpu_count":

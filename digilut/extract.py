@@ -57,10 +57,16 @@ THUMB_PX = 1024
 MAX_WHOLE_LEVEL_PX = 64 * 2**20
 MASK_PX = 4096  # long side (at most) of the overview pyFAST segments tissue on
 # A tissue patch whose mean colour differs from the same region of a coarser level by more than
-# this (0-255, any channel) holds garbled pixels: the pyramid is redundant, so a tile that decodes
-# without error but to wrong pixels (zeroed or corrupted JPEG data: libjpeg fills it with grey)
-# shows here.
+# this (0-255, any channel), after the slide's own level-to-level colour map (see
+# calibrate_levels), holds garbled pixels: the pyramid is redundant, so a tile that decodes without
+# error but to wrong pixels (zeroed or corrupted JPEG data: libjpeg fills it with grey) shows here.
 GARBLED_MEAN_DIFF = 24.0
+# The level-to-level colour map is fitted only on slides with this many patches; it must keep
+# slopes within 1/MAX_SLOPE..MAX_SLOPE and move mid-grey by at most MAX_SHIFT, and most patches
+# must follow it; otherwise patches are judged against the coarser level as it is.
+MIN_CALIBRATION_PATCHES = 8
+MAX_SLOPE = 1.4
+MAX_SHIFT = 48.0
 REFERENCE_PX = 16 * 2**20  # the largest level held whole as that reference
 
 
@@ -164,6 +170,65 @@ def _reference(info: SlideInfo, level: int, side0: int, coarsest: np.ndarray | N
     return None
 
 
+@dataclass(frozen=True)
+class LevelCalibration:
+    """A per-channel linear map from a coarser level's mean colours to the read level's.
+
+    Pyramid levels that were encoded or colour-processed differently (another JPEG quality, a
+    gamma or white-balance step) disagree by a consistent map; a garbled tile does not follow it.
+    """
+
+    slope: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def colour_off(self, patch_means: np.ndarray, ref_means: np.ndarray) -> np.ndarray:
+        """How far (0-255, worst channel) each patch's mean colour is from the mapped reference."""
+        expected = ref_means * np.asarray(self.slope) + np.asarray(self.offset)
+        return np.abs(np.asarray(patch_means, np.float64) - expected).max(axis=1)
+
+
+def calibrate_levels(
+    patch_means: np.ndarray, ref_means: np.ndarray, *, threshold: float = GARBLED_MEAN_DIFF
+) -> LevelCalibration:
+    """The colour map from a coarser level to the patches that most of a slide's patches follow.
+
+    ``patch_means`` and ``ref_means`` are ``(n, 3)`` mean colours of the same regions read at the
+    patch level and at the coarser level. The map is fitted (least squares, slopes shrunk towards
+    1) on the patches within ``threshold`` of it, starting from the median difference, three
+    times. The identity map is returned when there are too few patches, when under half of them
+    follow the map, or when the map is implausible (slope beyond 1/MAX_SLOPE..MAX_SLOPE, mid-grey
+    moved by more than MAX_SHIFT): a slide mostly garbled must not be calibrated into looking
+    intact.
+    """
+    p = np.asarray(patch_means, np.float64).reshape(-1, 3)
+    r = np.asarray(ref_means, np.float64).reshape(-1, 3)
+    identity = LevelCalibration()
+    if len(p) < MIN_CALIBRATION_PATCHES:
+        return identity
+    slope, offset = np.ones(3), np.median(p - r, axis=0)
+    ridge = 25.0  # colour variance (5²) that pulls a slope towards 1 on a slide of one colour
+    for _ in range(3):
+        follows = np.abs(p - (r * slope + offset)).max(axis=1) <= threshold
+        if follows.sum() < max(MIN_CALIBRATION_PATCHES, len(p) / 2):
+            return identity
+        pi, ri = p[follows], r[follows]
+        rc, pc = ri - ri.mean(axis=0), pi - pi.mean(axis=0)
+        slope = ((rc * pc).mean(axis=0) + ridge) / ((rc * rc).mean(axis=0) + ridge)
+        offset = pi.mean(axis=0) - slope * ri.mean(axis=0)
+    if (
+        np.any(slope < 1 / MAX_SLOPE)
+        or np.any(slope > MAX_SLOPE)
+        or np.any(np.abs(slope * 128 + offset - 128) > MAX_SHIFT)
+    ):
+        return identity
+    if (np.abs(p - (r * slope + offset)).max(axis=1) <= threshold).sum() < len(p) / 2:
+        return identity
+    return LevelCalibration(
+        (float(slope[0]), float(slope[1]), float(slope[2])),
+        (float(offset[0]), float(offset[1]), float(offset[2])),
+    )
+
+
 def _read_cells(
     info: SlideInfo,
     level: int,
@@ -175,35 +240,34 @@ def _read_cells(
     ref: _Reference | None,
     side0: int,
     cache_bytes: int,
-) -> tuple[list[bytes], list[int], list[str]]:
-    """Read, resize and JPEG-encode the grid cells ``cells``; skip unreadable patches and say why:
-    flat (one colour: a black/blank tile) or garbled (its colour disagrees with ``ref``)."""
+) -> tuple[list[bytes], list[int], list[str], np.ndarray, np.ndarray]:
+    """Read, resize and JPEG-encode the grid cells ``cells``; skip flat patches (one colour: a
+    black/blank tile) and say why. Also returns each kept patch's mean colour and that of the same
+    region of ``ref`` (for the garbled-tile check; empty without ``ref``)."""
     jpegs: list[bytes] = []
     kept: list[int] = []
     bad: list[str] = []
+    means: list[np.ndarray] = []
+    ref_means: list[np.ndarray] = []
     ds = info.levels[level].downsample
     with LevelReader(info, level, cache_bytes=cache_bytes) as reader:
         for i in cells:
             x, y = int(gx[i]), int(gy[i])
             px = reader.read(x, y, region, region)
-            why = ""
             if px.min() == px.max():
-                why = "flat"
-            elif ref is not None:
-                diff = np.abs(px.reshape(-1, 3).mean(axis=0) - ref.mean(round(x * ds), round(y * ds), side0))
-                if diff.max() > GARBLED_MEAN_DIFF:
-                    why = f"garbled (colour off by {diff.max():.0f})"
-            if why:
                 tiles = ", ".join(f"({tx}, {ty})" for tx, ty in reader.tiles_of(x, y, region, region))
-                bad.append(f"{why}: level {level} tile {tiles}")
+                bad.append(f"flat: level {level} tile {tiles}")
                 continue
+            if ref is not None:
+                means.append(px.reshape(-1, 3).mean(axis=0))
+                ref_means.append(ref.mean(round(x * ds), round(y * ds), side0))
             if region != cfg.patch_px:
                 px = np.asarray(
                     Image.fromarray(px).resize((cfg.patch_px, cfg.patch_px), Image.Resampling.BOX)
                 )
             jpegs.append(imagecodecs.jpeg8_encode(px, level=cfg.jpeg_quality))
             kept.append(int(i))
-    return jpegs, kept, bad
+    return jpegs, kept, bad, np.reshape(means, (-1, 3)), np.reshape(ref_means, (-1, 3))
 
 
 def extract_slide(
@@ -222,8 +286,9 @@ def extract_slide(
     has more than ``max_level_px`` pixels (a non-pyramidal slide) is never decoded whole.
 
     Unreadable tissue patches — flat (a black or blank tile) or garbled (a tile that decodes to
-    pixels whose colour disagrees with the coarsest level) — are dropped and named in
-    ``warning``; more than ``cfg.max_constant_fraction`` of them fail the slide.
+    pixels whose colour disagrees with a coarser level, beyond the slide's own level-to-level
+    colour map: :func:`calibrate_levels`) — are dropped and named in ``warning``; more than
+    ``cfg.max_constant_fraction`` of them fail the slide.
     """
     t0 = time.perf_counter()
     slide_path, out_dir = Path(slide_path), Path(out_dir)
@@ -277,6 +342,30 @@ def extract_slide(
     jpegs = [j for p in parts for j in p[0]]
     kept = [i for p in parts for i in p[1]]
     bad = [b for p in parts for b in p[2]]
+    if ref is not None and kept:
+        # Garbled tiles: patches whose colour does not follow this slide's level-to-level map.
+        means, ref_means = np.concatenate([p[3] for p in parts]), np.concatenate([p[4] for p in parts])
+        calibration = calibrate_levels(means, ref_means)
+        off = calibration.colour_off(means, ref_means)
+        garbled = np.flatnonzero(off > GARBLED_MEAN_DIFF)
+        if len(garbled):
+            with LevelReader(info, choice.level) as reader:
+                for j in garbled:
+                    x, y = int(gx[kept[j]]), int(gy[kept[j]])
+                    tiles = ", ".join(f"({tx}, {ty})" for tx, ty in reader.tiles_of(x, y, region, region))
+                    bad.append(f"garbled (colour off by {off[j]:.0f}): level {choice.level} tile {tiles}")
+            drop = set(garbled.tolist())
+            jpegs = [jp for j, jp in enumerate(jpegs) if j not in drop]
+            kept = [i for j, i in enumerate(kept) if j not in drop]
+        slope, offset = np.asarray(calibration.slope), np.asarray(calibration.offset)
+        if np.abs(slope - 1).max() > 0.02 or np.abs(offset).max() > 2:  # levels that differ in colour
+            log.info(
+                "%s: level %d = its reference level's colour × %s + %s (per channel)",
+                name,
+                choice.level,
+                "/".join(f"{a:.2f}" for a in calibration.slope),
+                "/".join(f"{b:.0f}" for b in calibration.offset),
+            )
     if bad:
         shown = "; ".join(bad[:5]) + (f"; … {len(bad) - 5} more" if len(bad) > 5 else "")
         if len(bad) > cfg.max_constant_fraction * len(keep):

@@ -78,7 +78,9 @@ def _draw(
     w, h = size
     ax.set_facecolor("#f2f2f2")
     if thumbnail is not None:
-        ax.imshow(thumbnail, extent=(0, w, h, 0), interpolation="bilinear")
+        # a grey (H×W) thumbnail in grey levels, not matplotlib's default colour map
+        grey = {"cmap": "gray", "vmin": 0, "vmax": 255} if np.asarray(thumbnail).ndim == 2 else {}
+        ax.imshow(thumbnail, extent=(0, w, h, 0), interpolation="bilinear", **grey)
     if hm is not None:
         x1, x2, y1, y2 = hm.extent_px
         ax.imshow(_heatmap_rgba(hm), extent=(x1, x2, y2, y1), interpolation="nearest")

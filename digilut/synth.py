@@ -16,9 +16,10 @@ nearest neighbour (Chebyshev gap between boxes of one slide) within 4096 px — 
 is, with :data:`NEAR_PROBABILITY`, placed beside a placed one at a gap drawn from the real near
 gaps (:data:`NEAR_GAP_DECILES_PX`), otherwise at least :data:`FAR_GAP_PX` from every other box
 (the real far gaps are larger, but beyond 2048 px lesions no longer share a patch or a box fit;
-a box that finds no room is left out). Everything is drawn procedurally per tile, at each
-level's own scale, from masks at a coarse grid, so even a full-size slide (83k × 197k px) is
-written with bounded memory. Deterministic per seed.
+a box that finds no room is left out). Level 0 is drawn procedurally per tile from masks at a
+coarse grid, and each reduced level is the 2×2 area average of the finer one (as scanners write
+their pyramids), so even a full-size slide (83k × 197k px) is written with bounded memory.
+Deterministic per seed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import functools
 import logging
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -257,30 +259,30 @@ def _texture_bank(level: int) -> tuple[np.ndarray, np.ndarray]:
     return _texture(rng, BANK_PX, mpp, lesion=False), _texture(rng, BANK_PX, mpp, lesion=True)
 
 
-class _Renderer:
-    """Renders tiles of one slide at one level from its plan and texture banks."""
+GLASS = 242  # background grey level
 
-    def __init__(self, plan: SlidePlan, level: int, quality: int) -> None:
-        self.plan, self.level, self.quality = plan, level, quality
-        self.down = 2**level
-        self.mpp = MPP0 * self.down
-        self.normal, self.lesion = _texture_bank(level)
+
+class _Renderer:
+    """Renders level-0 tiles of one slide from its plan and texture banks."""
+
+    def __init__(self, plan: SlidePlan) -> None:
+        self.plan = plan
+        self.normal, self.lesion = _texture_bank(0)
         self.bank = BANK_PX
-        white = np.full((TILE_PX, TILE_PX, 3), 242, np.uint8)
-        self.white_jpeg = imagecodecs.jpeg8_encode(white, level=quality)
 
     def _mask(self, m: np.ndarray, ty: int, tx: int) -> np.ndarray:
         """The coarse mask sampled bilinearly at the tile's pixel centres (separable: Wy @ M @ Wxᵀ)."""
-        wy, iy = _interp_weights(ty * TILE_PX, self.down / MASK_PX, m.shape[0])
-        wx, ix = _interp_weights(tx * TILE_PX, self.down / MASK_PX, m.shape[1])
+        wy, iy = _interp_weights(ty * TILE_PX, 1 / MASK_PX, m.shape[0])
+        wx, ix = _interp_weights(tx * TILE_PX, 1 / MASK_PX, m.shape[1])
         return (wy @ m[iy[0] : iy[1], ix[0] : ix[1]] @ wx.T).astype(np.float32)
 
-    def tile(self, ty: int, tx: int) -> bytes:
-        scale = self.down / MASK_PX
+    def tile(self, ty: int, tx: int) -> np.ndarray | None:
+        """RGB pixels of level-0 tile ``(tx, ty)``; None for bare glass (no tissue near it)."""
+        scale = 1 / MASK_PX
         y0, x0 = int(ty * TILE_PX * scale), int(tx * TILE_PX * scale)
         y1, x1 = int((ty + 1) * TILE_PX * scale) + 2, int((tx + 1) * TILE_PX * scale) + 2
         if self.plan.tissue[max(0, y0 - 1) : y1, max(0, x0 - 1) : x1].max(initial=0) <= 0.0:
-            return self.white_jpeg
+            return None
         t = self._mask(self.plan.tissue, ty, tx)[..., None]
         le = self._mask(self.plan.lesion, ty, tx)[..., None]
         # Textures are periodic: sampling them at the tile's global pixel positions (plus a
@@ -291,8 +293,8 @@ class _Renderer:
         tex_n = self.normal[rows][:, cols]
         tex_l = self.lesion[rows][:, cols]
         tissue_rgb = tex_n + (tex_l - tex_n) * le
-        rgb = np.float32(242.0) + (tissue_rgb - np.float32(242.0)) * t
-        return imagecodecs.jpeg8_encode(rgb.astype(np.uint8), level=self.quality)
+        rgb = np.float32(GLASS) + (tissue_rgb - np.float32(GLASS)) * t
+        return rgb.astype(np.uint8)
 
 
 def level_shapes(width: int, height: int) -> list[tuple[int, int]]:
@@ -304,19 +306,77 @@ def level_shapes(width: int, height: int) -> list[tuple[int, int]]:
     return shapes
 
 
+class _Pyramid:
+    """Builds the reduced levels as scanners do: each level the 2×2 area average of the finer one.
+
+    Level-0 tiles are fed in raster order (:meth:`add`); each reduced tile is averaged from its
+    four finer tiles as they arrive (one row of pending tiles per level in memory), JPEG-encoded
+    and kept until its page is written. Bare-glass tiles stay ``None`` and share one JPEG.
+    """
+
+    def __init__(self, shapes: list[tuple[int, int]], quality: int) -> None:
+        self.grids = [(-(-h // TILE_PX), -(-w // TILE_PX)) for h, w in shapes]
+        self.quality = quality
+        self.tiles: list[list[bytes]] = [[] for _ in shapes]
+        self._pending: list[dict[int, np.ndarray | None]] = [{} for _ in shapes]
+        self._seen: list[dict[int, int]] = [{} for _ in shapes]
+        glass = np.full((TILE_PX, TILE_PX, 3), GLASS, np.uint8)
+        self.white_jpeg = imagecodecs.jpeg8_encode(glass, level=quality)
+
+    def encode(self, pixels: np.ndarray | None) -> bytes:
+        return self.white_jpeg if pixels is None else imagecodecs.jpeg8_encode(pixels, level=self.quality)
+
+    def add(self, level: int, ty: int, tx: int, pixels: np.ndarray | None) -> None:
+        """Take tile ``(tx, ty)`` of ``level`` and pass its area average on to the next level."""
+        nxt = level + 1
+        if nxt >= len(self.grids):
+            return
+        (ny, nx), (py, px) = self.grids[level], (ty // 2, tx // 2)
+        if py >= self.grids[nxt][0] or px >= self.grids[nxt][1]:
+            return  # beyond the reduced level (its size is rounded down)
+        buf = self._pending[nxt].get(px)
+        if pixels is not None:
+            if buf is None:
+                buf = np.full((TILE_PX, TILE_PX, 3), GLASS, np.uint8)
+            half = TILE_PX // 2
+            total = pixels.reshape(half, 2, half, 2, 3).sum(axis=(1, 3), dtype=np.uint16)
+            qy, qx = (ty % 2) * half, (tx % 2) * half
+            buf[qy : qy + half, qx : qx + half] = (total + 2) // 4
+        self._pending[nxt][px] = buf
+        seen = self._seen[nxt][px] = self._seen[nxt].get(px, 0) + 1
+        children = min(2, ny - 2 * py) * min(2, nx - 2 * px)
+        if seen == children:
+            del self._pending[nxt][px], self._seen[nxt][px]
+            self.tiles[nxt].append(self.encode(buf))
+            self.add(nxt, py, px, buf)
+
+
 def write_slide(plan: SlidePlan, path: str | Path, *, quality: int = 85, mpp: float | None = MPP0) -> Path:
     """Write ``plan`` as a pyramidal tiled-JPEG TIFF at ``path``.
 
-    ``mpp=None`` writes no resolution (a slide without mpp metadata, for error tests).
+    Level 0 is rendered tile by tile; every reduced level is the 2×2 area average of the finer
+    level's pixels, as a scanner writes its pyramid. ``mpp=None`` writes no resolution (a slide
+    without mpp metadata, for error tests).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    shapes = level_shapes(plan.width, plan.height)
+    pyramid = _Pyramid(shapes, quality)
+    renderer = _Renderer(plan)
+
+    def level0_tiles() -> Iterator[bytes]:
+        ny, nx = pyramid.grids[0]
+        for ty in range(ny):
+            for tx in range(nx):
+                pixels = renderer.tile(ty, tx)
+                pyramid.add(0, ty, tx, pixels)
+                yield pyramid.encode(pixels)
+
     with tifffile.TiffWriter(tmp, bigtiff=plan.width * plan.height > 2**31) as tif:
-        for level, (h, w) in enumerate(level_shapes(plan.width, plan.height)):
-            r = _Renderer(plan, level, quality)
-            ny, nx = -(-h // TILE_PX), -(-w // TILE_PX)
-            tiles = (r.tile(ty, tx) for ty in range(ny) for tx in range(nx))
+        for level, (h, w) in enumerate(shapes):
+            # Level 0's tiles are made while it is written; they fill the reduced levels' tiles.
+            tiles = level0_tiles() if level == 0 else iter(pyramid.tiles[level])
             kwargs: dict[str, object] = {}
             if mpp is not None:
                 px_per_cm = 1e4 / (mpp * 2**level)
@@ -334,6 +394,7 @@ def write_slide(plan: SlidePlan, path: str | Path, *, quality: int = 85, mpp: fl
                 software="digilut",
                 **kwargs,
             )
+            pyramid.tiles[level] = []  # written: free the bytes
     tmp.replace(path)
     return path
 

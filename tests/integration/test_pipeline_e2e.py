@@ -46,6 +46,10 @@ def pipeline_run(s3_server, mlflow_server, tmp_path_factory):
             register_model="digilut-e2e-ensemble",
             checkpoint_uri=f"s3://{cfg.bucket}/e2e/checkpoints",
             stain_norm="reinhard",  # per-slide stain normalisation, in training and in both predictions
+            # 6 epochs at lr 1e-3 (the tiny profile trains 1, after which the model ranks the
+            # held-out patches at chance: AUROC 0.50, mean F2 0.00): a few seconds more per fold
+            epochs=6,
+            lr=1e-3,
         )
     finally:
         mp.undo()
@@ -82,8 +86,10 @@ def test_boxes_and_score(pipeline_run):
     for slide, s in scored.items():  # exactly N boxes per held-out slide
         n = int((truth.filename == slide).sum())
         assert s["n_truth"] == n and int((boxes.filename == slide).sum()) == n
-    assert 0.0 <= metrics["mean_f2"] <= 1.0
-    assert 0.0 <= metrics["patch"]["auroc"] <= 1.0
+    # Measured on these slides (4 held-out, 45 patches): AUROC 0.77, mean F2 0.75 (3 of 4 slides
+    # hit). A model at chance (1 epoch: 0.50 / 0.00) or a box step that misses every lesion fails.
+    assert metrics["patch"]["auroc"] >= 0.65
+    assert metrics["mean_f2"] >= 0.25
     report = result.report_html.with_name("report.md").read_text()
     for fold in (0, 1):  # the initialisation in words (ImageNet where torch's cache has it)
         assert re.search(rf"- fold {fold}: (random initialisation|ImageNet weights)", report), report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -58,11 +59,12 @@ def test_train_predict_evaluate(tmp_path: Path) -> None:
     manifest = make_patch_manifest(tmp_path / "data", patients=5, grid=5, px=64, folds=2)
     runner = CliRunner()
     for k in (0, 1):
+        # 3 epochs: after one, this tiny model still ranks the patches at random (or inverted)
         result = runner.invoke(
-            app, ["train", str(manifest), str(tmp_path / "models"), "--fold", str(k), *TINY]
+            app, ["train", str(manifest), str(tmp_path / "models"), "--fold", str(k), *TINY, "--epochs", "3"]
         )
         assert result.exit_code == 0, result.output
-        assert f"fold {k}: best epoch 0" in result.output
+        assert re.search(rf"fold {k}: best epoch [0-2]", result.output), result.output
     pred = tmp_path / "pred.parquet"
     folds = [str(tmp_path / "models" / f"fold{k}") for k in (0, 1)]
     result = runner.invoke(app, ["predict", str(manifest), *folds, str(pred), "--num-workers", "0"])
@@ -74,9 +76,25 @@ def test_train_predict_evaluate(tmp_path: Path) -> None:
     result = runner.invoke(app, [*args, "--fold-dir", folds[0], "--fold-dir", folds[1]])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert 0 <= metrics["mean_f2"] <= 1 and metrics["original_method_patch"]["f1"] == 0.063
+    # Measured here: AUROC 1.0 on the 25 test patches. A model no better than chance fails this.
+    assert metrics["patch"]["auroc"] >= 0.9
+    assert metrics["patch"]["f1"] > metrics["original_method_patch"]["f1"]  # beats the original method
     boxes = pd.read_csv(tmp_path / "eval" / "boxes.csv")
-    assert len(boxes) == len(pd.read_csv(truth).query("filename in @df.slide"))  # exactly N per slide
+    truth_rows = pd.read_csv(truth).query("filename in @df.slide")
+    assert len(boxes) == len(truth_rows)  # exactly N per slide
+    # The box lands on the lesion: centred in the truth box and covering most of it. (This model's
+    # probabilities stay under 0.2, below every seed threshold, so the box is the spare box on the
+    # strongest peak and its GIoU stays under 0.5: mean F2 is 0 here; the e2e test asserts F2.)
+    pairs = zip(
+        boxes.sort_values("filename").itertuples(),
+        truth_rows.sort_values("filename").itertuples(),
+        strict=True,
+    )
+    for b, t in pairs:
+        assert b.filename == t.filename
+        assert t.x1 <= (b.x1 + b.x2) / 2 <= t.x2 and t.y1 <= (b.y1 + b.y2) / 2 <= t.y2
+        cover = max(0, min(b.x2, t.x2) - max(b.x1, t.x1)) * max(0, min(b.y2, t.y2) - max(b.y1, t.y1))
+        assert cover >= 0.9 * (t.x2 - t.x1) * (t.y2 - t.y1)
     assert "DigiLut mean F2" in result.output
 
 

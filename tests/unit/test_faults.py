@@ -142,14 +142,29 @@ def test_fold_killed_after_an_epoch_resumes_on_the_same_mlflow_run_to_the_same_w
     assert steps <= {0, 1} and 1 in steps  # epoch 1 logged by the resumed process, on that run
 
 
+def _catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a SIGTERM handler installed (``SigCgt`` in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    caught = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("SigCgt:")), 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_within_the_grace_period_and_the_rerun_matches(
     manifest: Path, straight: tuple[Path, FoldResult], tmp_path: Path
 ) -> None:
     proc = _cli_train(manifest, tmp_path)
     fold_dir = tmp_path / "fold0"
-    _wait_for(fold_dir / "tensorboard" / "events.out.tfevents.*", proc)  # training has started
-    time.sleep(1.0)
+    _wait_for(fold_dir / "tensorboard" / "events.out.tfevents.*", proc)  # set up, about to train
+    # The training loop installs its SIGTERM handler just before epoch 0's first batch: signalled
+    # then, it is certain to stop mid-epoch 0 (20 batches take seconds), at a batch boundary.
+    deadline = time.monotonic() + 60
+    while not _catches_sigterm(proc.pid):
+        assert proc.poll() is None and time.monotonic() < deadline, "no SIGTERM handler installed"
+        time.sleep(0.002)
     t0 = time.monotonic()
     os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
@@ -158,10 +173,12 @@ def test_sigterm_saves_a_checkpoint_within_the_grace_period_and_the_rerun_matche
     assert grace < 15, f"took {grace:.1f}s to stop (Kubernetes' default grace period is 30 s)"
     assert "SIGTERM" in output and "state saved to" in output and "last.pt" in output
     state = _state(fold_dir / "last.pt")
-    assert not state["finished"]
+    assert not state["finished"] and state["epoch"] == -1  # no epoch finished
     partial = state["partial"]
-    if partial is not None:  # stopped mid-epoch at a batch boundary (the usual case)
-        assert 0 < partial["step"] <= 20  # type: ignore[index]
+    assert partial is not None, "the state was not saved mid-epoch"
+    assert partial["epoch"] == 0 and 0 < partial["step"] < 20  # type: ignore[index]
+    assert partial["seen"] == 16 * partial["step"]  # type: ignore[index]
+    assert f"SIGTERM at epoch 0, batch {partial['step']}; state saved to" in output  # type: ignore[index]
     resumed = train_fold(manifest, 0, fold_dir, CFG, CPU)
     out, baseline = straight
     assert resumed.finished and [h["epoch"] for h in resumed.history] == [0, 1]
@@ -266,32 +283,51 @@ train_fold(Path({str(manifest)!r}), 1, Path({str(tmp_path)!r}), cfg, torch.devic
 # --- a worker process dying ------------------------------------------------------------------------------
 
 
+def _has_open(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has the file ``path`` open (its /proc/PID/fd links)."""
+    try:
+        return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False  # the process or the descriptor went away meanwhile
+
+
 @pytest.mark.slow
 def test_slide_whose_worker_is_killed_is_reported_and_the_batch_goes_on(tmp_path: Path) -> None:
-    """SIGKILL (what the OOM killer sends) to the worker extracting a slide, twice — once in the shared
-    pool, once in the pool of its own the slide is retried in: the slide is reported ``worker killed``
-    and ``extract_slides`` returns normally."""
+    """Three slides in a pool of two workers. The worker that opens ``victim_a.tif`` is SIGKILLed
+    (what the OOM killer sends) each time — in the shared pool, then in the pool of its own the
+    slide is retried in. The victim is reported ``worker killed``; the two others finish with the
+    same patches as an undisturbed run, including the one whose pool the victim broke."""
     import multiprocessing
     import threading
 
     from digilut.extract import ExtractConfig, extract_slides
 
-    plan = plan_slide("victim_a.tif", SynthConfig(), seed=3, positive=True)
-    slide = write_slide(plan, tmp_path / "images" / "victim_a.tif")
+    images = tmp_path / "images"
+    names = ("victim_a.tif", "other_a.tif", "third_a.tif")
+    for seed, name in enumerate(names, start=3):
+        write_slide(plan_slide(name, SynthConfig(), seed=seed, positive=True), images / name)
+    slides = [images / n for n in names]
+    calm = extract_slides(slides[1:], tmp_path / "calm", ExtractConfig(), workers=0)
+    victim = slides[0].resolve()
     results: dict[str, object] = {}
     runner = threading.Thread(
-        target=lambda: results.update(extract_slides([slide], tmp_path / "out", ExtractConfig(), workers=1))
+        target=lambda: results.update(extract_slides(slides, tmp_path / "out", ExtractConfig(), workers=2))
     )
     runner.start()
     killed: set[int] = set()
-    deadline = time.monotonic() + 120
-    while runner.is_alive() and len(killed) < 2 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 300
+    while runner.is_alive() and time.monotonic() < deadline:
         for child in multiprocessing.active_children():
-            if child.pid and child.pid not in killed:
+            if child.pid and child.pid not in killed and _has_open(child.pid, victim):
                 os.kill(child.pid, signal.SIGKILL)
                 killed.add(child.pid)
-        time.sleep(0.05)
-    runner.join(120)
-    assert len(killed) == 2 and not runner.is_alive()
+        time.sleep(0.002)
+    runner.join(60)
+    assert not runner.is_alive() and len(killed) == 2  # the shared pool's worker, then its own pool's
     r = results["victim_a.tif"]
     assert r.status == "failed" and r.error.startswith("worker killed")  # type: ignore[attr-defined]
+    for name in names[1:]:
+        done, undisturbed = results[name], calm[name]
+        assert done.status == "ok" and done.patches == undisturbed.patches > 0  # type: ignore[attr-defined]
+        assert done.shard_sha256 == undisturbed.shard_sha256  # type: ignore[attr-defined]
+    assert not (tmp_path / "out" / "shards" / "victim_a.shard").exists()

@@ -15,7 +15,15 @@ import pytest
 import tifffile
 
 from digilut.errors import SlideMetadataError, SlideReadError, UnsafePathError
-from digilut.extract import ExtractConfig, extract_slide, extract_slides, prepare_dataset
+from digilut.extract import (
+    GARBLED_MEAN_DIFF,
+    ExtractConfig,
+    LevelCalibration,
+    calibrate_levels,
+    extract_slide,
+    extract_slides,
+    prepare_dataset,
+)
 from digilut.ingest import fetch_slides
 from digilut.manifest import read_manifest, read_patch
 from digilut.slide import LevelReader, read_slide_info
@@ -118,6 +126,108 @@ def test_garbled_tiles_fail_the_slide_naming_the_tile_not_black_patches(
 def test_intact_slide_has_no_patch_flagged_as_garbled(slides: Path, tmp_path: Path) -> None:
     r = extract_slide(slides / "good_a.tif", tmp_path, ExtractConfig(stride_px=64))
     assert r.status == "ok" and r.patches > 40 and r.warning == ""
+
+
+def _rewrite_pyramid(src: Path, dst: Path, restyle: dict[int, tuple[int, object]]) -> Path:
+    """Copy the pyramid ``src`` to ``dst`` level by level; ``restyle[level] = (jpeg quality, f)``
+    writes that level as ``f(pixels)`` at that quality (the others at quality 85)."""
+    info = read_slide_info(src)
+    with tifffile.TiffWriter(dst) as tif:
+        for lv in info.levels:
+            with LevelReader(info, lv.index) as reader:
+                px = reader.read(0, 0, lv.width, lv.height)
+            quality, f = restyle.get(lv.index, (85, None))
+            px = f(px) if callable(f) else px
+            res = 1e4 / (MPP * lv.downsample)
+            tif.write(
+                px,
+                tile=(512, 512),
+                compression="jpeg",
+                compressionargs={"level": quality},
+                photometric="rgb",
+                subfiletype=0 if lv.index == 0 else 1,
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                metadata=None,
+            )
+    return dst
+
+
+def test_intact_slide_whose_coarse_level_has_other_jpeg_quality_and_colour_is_accepted_whole(
+    slides: Path, tmp_path: Path
+) -> None:
+    """Levels encoded or colour-processed differently (a scanner's or converter's gamma and white
+    balance on the reduced levels) differ by a consistent map: no intact patch may be lost."""
+
+    def gamma_and_tint(px: np.ndarray) -> np.ndarray:
+        out = 255 * (px / 255.0) ** (1 / 1.3) + np.array([-12, 10, -8])
+        return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+    path = _rewrite_pyramid(slides / "good_a.tif", tmp_path / "shifted_a.tif", {2: (60, gamma_and_tint)})
+    # The patches (level 1) are checked against level 2: its colour is off by up to ~30 per channel.
+    info = read_slide_info(path)
+    with LevelReader(info, 1) as fine, LevelReader(info, 2) as coarse:
+        l1, l2 = fine.read(0, 0, 2048, 1536).astype(float), coarse.read(0, 0, 1024, 768).astype(float)
+    tissue = l2.mean(axis=2) < 215
+    diff = np.abs(l1.reshape(768, 2, 1024, 2, 3).mean(axis=(1, 3)) - l2)[tissue]
+    assert np.percentile(diff.max(axis=1), 50) > 24  # beyond the fixed threshold for most patches
+    r = extract_slide(path, tmp_path / "out", ExtractConfig(stride_px=64))
+    assert r.status == "ok" and r.warning == "" and r.patches > 40
+    m = read_manifest(tmp_path / "out" / "parts" / "shifted_a.parquet")
+    assert len(m) == r.patches  # every tissue cell kept: nothing dropped as garbled
+
+
+def _zero_tile_tail(path: Path, level: int, tile: tuple[int, int]) -> None:
+    """Zero the last two thirds of one JPEG tile's entropy data: it decodes without error, to grey."""
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[level]
+        idx = tile[1] * -(-page.shape[1] // page.tilewidth) + tile[0]
+        off, n = page.dataoffsets[idx], page.databytecounts[idx]
+        data[off + n // 3 : off + n - 2] = bytes(n - 2 - n // 3)
+    path.write_bytes(bytes(data))
+
+
+def test_a_few_garbled_patches_are_dropped_and_listed_in_the_warning(slides: Path, tmp_path: Path) -> None:
+    """Below ``max_constant_fraction`` bad patches the slide is kept without them: the dropped ones
+    are exactly those over the garbled tile, named in the warning; above it the slide fails."""
+    intact = extract_slide(slides / "good_a.tif", tmp_path / "intact", ExtractConfig(stride_px=64))
+    before = read_manifest(tmp_path / "intact" / "parts" / "good_a.parquet")
+    # one level-1 tile (512 px = 1024 level-0 px) holding tissue, found from the intact patches
+    tx, ty = int(before.x0.median()) // 1024, int(before.y0.median()) // 1024
+    path = tmp_path / "good_a.tif"
+    shutil.copy(slides / "good_a.tif", path)
+    _zero_tile_tail(path, 1, (tx, ty))
+    r = extract_slide(path, tmp_path / "out", ExtractConfig(stride_px=64, max_constant_fraction=0.3))
+    n = intact.patches - r.patches
+    assert r.status == "ok" and 0 < n <= 0.3 * intact.patches
+    assert r.warning.startswith(f"{n} unreadable tissue patches dropped (garbled (colour off by ")
+    assert f"level 1 tile ({tx}, {ty})" in r.warning
+    after = read_manifest(tmp_path / "out" / "parts" / "good_a.parquet")
+    key = ["x0", "y0"]
+    dropped = before.merge(after[key], on=key, how="left", indicator=True).query("_merge == 'left_only'")
+    assert len(dropped) == n and set(map(tuple, after[key].values)) <= set(map(tuple, before[key].values))
+    # each dropped patch overlaps the garbled part of the tile (zeroed data decodes as the last
+    # block's colour, then grey, from about a quarter of the tile down)
+    t0x, t0y = tx * 1024, ty * 1024
+    assert ((dropped.x0 < t0x + 1024) & (dropped.x0 + dropped.w0 > t0x)).all()
+    assert ((dropped.y0 < t0y + 1024) & (dropped.y0 + dropped.h0 > t0y + 1024 // 4)).all()
+    with pytest.raises(SlideReadError, match=rf"good_a\.tif: {n} of \d+ tissue patches are unreadable"):
+        extract_slide(path, tmp_path / "strict", ExtractConfig(stride_px=64))  # default: 2 %
+
+
+def test_a_mostly_garbled_level_is_not_calibrated_into_looking_intact() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(150, 230, (100, 3))
+    patch = ref + rng.normal(0, 2, (100, 3))
+    patch[:60] = 128 + rng.normal(0, 3, (60, 3))  # 60 % of the patches decode to grey
+    cal = calibrate_levels(patch, ref)
+    assert cal == LevelCalibration()  # no map most patches follow: judged as they are
+    assert (cal.colour_off(patch, ref) > GARBLED_MEAN_DIFF).sum() >= 60
+    shifted = 255 * (ref / 255) ** (1 / 1.3) + np.array([-12, 10, -8])  # a consistent level difference
+    shifted[:5] = 128  # and 5 % grey patches
+    cal = calibrate_levels(shifted, ref)
+    assert np.flatnonzero(cal.colour_off(shifted, ref) > GARBLED_MEAN_DIFF).tolist() == [0, 1, 2, 3, 4]
 
 
 # --- 3./4. non-pyramidal and striped TIFFs; 9. huge ones ---------------------------------------------

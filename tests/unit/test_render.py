@@ -33,20 +33,44 @@ def test_picture_without_thumbnail_shows_truth_and_predictions(tmp_path, case):
     assert not has_colour(plain_img, TRUTH_COLOUR, tol=10) and not has_colour(plain_img, PRED_COLOUR, tol=10)
 
 
+def _longest_run(mask: np.ndarray) -> int:
+    """The longest horizontal run of True pixels in any row of ``mask``."""
+    best = 0
+    for row in mask:
+        edges = np.diff(np.r_[0, row.astype(np.int8), 0])
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        best = max(best, int((ends - starts).max(initial=0)))
+    return best
+
+
+def _colour_mask(img: np.ndarray, hex_colour: str, tol: int = 40) -> np.ndarray:
+    rgb = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)])
+    return np.abs(img[..., :3].astype(int) - rgb).max(axis=-1) <= tol
+
+
 def test_small_tissue_on_a_big_slide_gets_a_zoom_panel(tmp_path, case):
+    """The 1000 × 700 px lesion on an 83k × 197k px slide is ~4 px wide in a whole-slide panel; the
+    zoom panel draws it large enough to see (its truth outline is a long line of the truth colour)."""
     hm, truth, pred = case
     thumb = np.full((400, 170, 3), 235, np.uint8)  # a 83k × 197k px slide, 1/490 scale
-    one = render_heatmap_png(thumb, (8192, 8192), hm, truth, pred, tmp_path / "one.png")
     two = render_heatmap_png(thumb, (83_000, 197_000), hm, truth, pred, tmp_path / "two.png")
-    w_one, w_two = Image.open(one).size[0], Image.open(two).size[0]
-    assert w_two > w_one  # the whole slide plus a zoom on the tissue
+    img = np.asarray(Image.open(two).convert("RGB"))
+    run = _longest_run(_colour_mask(img, TRUTH_COLOUR))
+    assert run >= 40, f"the lesion's outline is at most {run} px wide: no zoom on it"
+    panel_h = img.shape[0]
+    assert img.shape[1] > panel_h * 170 / 400 * 1.5  # the thin slide panel plus the zoom beside it
 
 
 def test_grey_thumbnail_and_no_heatmap_work(tmp_path):
     path = render_heatmap_png(
         np.full((50, 80), 200, np.uint8), (8000, 5000), None, None, None, tmp_path / "g.png", "just a slide"
     )
-    assert Image.open(path).format == "PNG"
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    grey = (np.abs(img - 200) <= 2).all(axis=-1)  # the single-channel thumbnail, drawn as grey
+    assert grey.sum() > 0.2 * grey.size
+    assert (
+        not _colour_mask(img, TRUTH_COLOUR, tol=10).any() and not _colour_mask(img, PRED_COLOUR, tol=10).any()
+    )
 
 
 @pytest.mark.parametrize(

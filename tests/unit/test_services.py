@@ -73,13 +73,29 @@ def test_wait_ready_reports_an_early_exit_with_the_log_tail(tmp_path: Path):
         svc._wait_ready(lambda: False, 30, "nowhere")
 
 
-def test_free_ports_are_distinct():
+def test_free_ports_are_distinct_and_free():
+    import socket
+
     ports = free_ports(12)
     assert len(set(ports)) == 12 and all(1024 <= p < 65536 for p in ports)
+    held = []
+    try:
+        for port in ports:  # each can be bound on loopback, all at once
+            sock = socket.socket()
+            held.append(sock)
+            sock.bind(("127.0.0.1", port))
+    finally:
+        for sock in held:
+            sock.close()
 
 
-def test_weed_binary_is_found():
-    assert os.access(find_weed(), os.X_OK)
+def test_weed_binary_is_found_and_runs():
+    import subprocess
+
+    weed = find_weed()
+    assert os.access(weed, os.X_OK)
+    proc = subprocess.run([str(weed), "version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "version" in (proc.stdout + proc.stderr).lower()
 
 
 def test_env_file_round_trip_is_private_and_quoted(tmp_path: Path):

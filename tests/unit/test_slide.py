@@ -72,18 +72,49 @@ def test_not_a_tiff_empty_and_missing(tmp_path):
         read_slide_info(tmp_path / "nope.tif")
 
 
+def _tile_count_offset(path, page_index: int, tile: int) -> tuple[int, int]:
+    """File offset and byte width of one tile's entry in a page's TileByteCounts array."""
+    with tifffile.TiffFile(path) as tif:
+        tag = tif.pages[page_index].tags["TileByteCounts"]
+        width = 8 if tif.is_bigtiff else 4
+        assert tag.count > 1 and tag.dtype in (4, 16)  # LONG / LONG8 array stored at valueoffset
+        return tag.valueoffset + tile * width, width
+
+
 def test_truncated_slide_raises_naming_the_tile(tmp_path, plan):
+    """Truncations that only a tile read sees: the metadata is intact (``read_slide_info`` accepts
+    the slide) and one tile's data is missing — a writer interrupted before it wrote that tile (its
+    byte count is 0) — or the file was cut after the slide was opened."""
     path = write_slide(plan, tmp_path / "p_a.tif")
     with tifffile.TiffFile(path) as tif:
-        # Cut the file inside level 1's data (pages and their IFDs are written level by level).
-        cut = int(tif.pages[1].dataoffsets[-1])
-    data = path.read_bytes()
-    path.write_bytes(data[:cut])
-    try:
-        info = read_slide_info(path)
-    except SlideReadError:
-        return  # tifffile may already refuse the file: also a clear, specific error
-    with LevelReader(info, 1) as reader, pytest.raises(SlideReadError, match=r"level 1 tile .*truncated"):
+        n_tiles = len(tif.pages[1].dataoffsets)  # level 1: 2048 × 1536 px = 4 × 3 tiles of 512
+    last = n_tiles - 1
+    at, width = _tile_count_offset(path, 1, last)
+    data = bytearray(path.read_bytes())
+    data[at : at + width] = bytes(width)  # the last tile of level 1: never written
+    path.write_bytes(bytes(data))
+    info = read_slide_info(path)  # nothing to see at page level
+    with LevelReader(info, 1) as reader:
+        reader.read(0, 0, 512, 512)  # the other tiles read fine
+        with pytest.raises(
+            SlideReadError,
+            match=r"p_a\.tif level 1 tile \(3, 2\): tile data missing or beyond the end of the file "
+            r"\(truncated slide\?\)",
+        ):
+            reader.read(info.levels[1].width - 512, info.levels[1].height - 512, 512, 512)
+
+    # cut inside level 1's last tile after the slide was opened (a file replaced while read)
+    whole = write_slide(plan, tmp_path / "q_a.tif")
+    info = read_slide_info(whole)
+    with tifffile.TiffFile(whole) as tif:
+        cut = int(tif.pages[1].dataoffsets[last]) + 10
+    whole.write_bytes(whole.read_bytes()[:cut])
+    with (
+        LevelReader(info, 1) as reader,
+        pytest.raises(
+            SlideReadError, match=r"q_a\.tif level 1 tile \(3, 2\): tile data missing or beyond the end"
+        ),
+    ):
         reader.read(0, 0, info.levels[1].width, info.levels[1].height)
 
 

@@ -83,5 +83,13 @@ def test_check_split_catches_a_patient_on_both_sides():
 def test_tiny_real_manifest_splits(tiny_prepared):
     from digilut.manifest import read_manifest
 
-    out = split_dataset(read_manifest(tiny_prepared[0], require=("label",)), SplitConfig(folds=2))
-    assert set(out.split) == {"train", "test"}
+    rows = read_manifest(tiny_prepared[0], require=("label",))
+    out = split_dataset(rows, SplitConfig(folds=2))
+    assert len(out) == len(rows) and out[["slide", "x0", "y0"]].equals(rows[["slide", "x0", "y0"]])
+    check_split(out)
+    by_patient = out.groupby("patient")
+    assert (by_patient.split.nunique() == 1).all() and (by_patient.fold.nunique() == 1).all()  # both slides
+    train = out[out.split == "train"]
+    assert set(train.fold) == {0, 1} and (out[out.split == "test"].fold == -1).all()
+    for k in (0, 1):  # each fold trains on patients with lesions
+        assert train[(train.fold != k) & train.sampled].label.sum() > 0
