@@ -103,12 +103,19 @@ def _check_data_in_file(path: Path, page: tifffile.TiffPage, level: int) -> None
         )
 
 
-def jpeg_stream(tile: bytes, tables: bytes | None) -> bytes:
+# APP14 "Adobe" segment with transform 0: the components are RGB, not YCbCr (read by libjpeg).
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+
+def jpeg_stream(tile: bytes, tables: bytes | None, *, rgb: bool = False) -> bytes:
     """A TIFF JPEG tile/strip as a standalone JPEG stream: the page's JPEGTables (quantisation and
-    Huffman tables between their own SOI and EOI) merged in after the tile's SOI."""
+    Huffman tables between their own SOI and EOI) merged in after the tile's SOI. ``rgb``: the
+    components are RGB (Photometric RGB without a JFIF marker, as Aperio writes them), which a
+    stand-alone decoder would take for YCbCr: an Adobe marker with transform 0 says so."""
+    head = tile[:2] + (_ADOBE_RGB if rgb else b"")
     if not tables or len(tables) <= 4:
-        return tile
-    return tile[:2] + tables[2:-2] + tile[2:]
+        return head + tile[2:]
+    return head + tables[2:-2] + tile[2:]
 
 
 def decode_jpeg_scaled(stream: bytes, scale: int) -> np.ndarray:
@@ -299,6 +306,8 @@ class LevelReader:
         self._offsets = page.dataoffsets
         self._counts = page.databytecounts
         self.is_jpeg = int(page.compression) in JPEG_COMPRESSION
+        # tifffile's rule (jpeg_decode_colorspace): Photometric RGB without JFIF is RGB-coded JPEG.
+        self._rgb = int(page.photometric) == 2 and not page.is_jfif
         s = decode_scale
         odd = self.tile_h % s or (page.is_tiled and self.tile_w % s)
         if s != 1 and (s not in DECODE_SCALES or not self.is_jpeg or odd):
@@ -345,7 +354,8 @@ class LevelReader:
         data = self._fh.read(n)
         try:
             if self._scaled_checked and self.decode_scale > 1:
-                tile = decode_jpeg_scaled(jpeg_stream(data, self._page.jpegtables), self.decode_scale)
+                stream = jpeg_stream(data, self._page.jpegtables, rgb=self._rgb)
+                tile = decode_jpeg_scaled(stream, self.decode_scale)
             else:
                 tile = self._decode_full(data, idx, where)
                 if not self._scaled_checked:
@@ -373,7 +383,7 @@ class LevelReader:
         boxed = reduce_box(np.ascontiguousarray(full), s)
         if self._fallback:
             return boxed
-        scaled = decode_jpeg_scaled(jpeg_stream(data, self._page.jpegtables), s)
+        scaled = decode_jpeg_scaled(jpeg_stream(data, self._page.jpegtables, rgb=self._rgb), s)
         diff = float(np.abs(scaled[: boxed.shape[0], : boxed.shape[1]].astype(np.int16) - boxed).mean())
         if scaled.shape != boxed.shape or diff > SCALED_DECODE_MAX_DIFF:
             log.warning(
@@ -398,7 +408,7 @@ class LevelReader:
                 "or beyond the end of the file (truncated slide?)"
             )
         self._fh.seek(off)
-        return jpeg_stream(self._fh.read(n), self._page.jpegtables)
+        return jpeg_stream(self._fh.read(n), self._page.jpegtables, rgb=self._rgb)
 
     def tiles_of(self, x: int, y: int, w: int, h: int) -> list[tuple[int, int]]:
         """The ``(tx, ty)`` tiles (or strips, ``tx = 0``) that the region ``x, y, w, h`` touches."""
