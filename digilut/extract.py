@@ -304,12 +304,19 @@ def extract_slide(
     coarsest = info.levels[-1]
     small = coarsest.width * coarsest.height <= max_level_px
     cache_bytes = min(CACHE_BYTES, max_level_px * 3 // 2)  # decoded tiles a reader may hold
-    with LevelReader(info, coarsest.index, cache_bytes=cache_bytes) as coarse_reader:
+    overview_px = min(MASK_PX, math.isqrt(max_level_px))
+    # A streamed overview decodes every tile/strip of the level: at 1/2-1/8 in the DCT domain.
+    oscale = (
+        1
+        if small
+        else decode_scale_for(info, coarsest.index, max(coarsest.width, coarsest.height) / overview_px)
+    )
+    with LevelReader(info, coarsest.index, cache_bytes=cache_bytes, decode_scale=oscale) as coarse_reader:
         # The coarsest level whole when small, else a streamed shrunk copy (bounded memory).
         overview = (
             coarse_reader.read(0, 0, coarsest.width, coarsest.height)
             if small
-            else coarse_reader.read_shrunk(min(MASK_PX, math.isqrt(max_level_px)))
+            else coarse_reader.read_shrunk(overview_px)
         )
     if not small:
         log.info(

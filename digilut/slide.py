@@ -420,19 +420,16 @@ class LevelReader:
 
     def read_shrunk(self, max_side_px: int) -> np.ndarray:
         """The whole level shrunk by an integer factor to at most ``max_side_px`` a side (box mean),
-        read band by band: memory stays within one band of ``factor`` rows plus the cache."""
+        read band by band: memory stays within one band of ``factor`` rows plus the cache. (With
+        ``decode_scale`` > 1 the tiles are already decoded shrunk: the factor applies after it.)"""
         f = max(1, -(-max(self.width, self.height) // max_side_px))
         out_w, out_h = self.width // f, self.height // f
         out = np.empty((out_h, out_w, 3), np.uint8)
-        chunk = max(f, (1024 // f) * f)  # columns per read
         band = max(1, self.tile_h // f)  # output rows per read: about one tile row
         for oy in range(0, out_h, band):
             rows = min(band, out_h - oy)
-            for x in range(0, out_w * f, chunk):
-                w = min(chunk, out_w * f - x)
-                block = self.read(x, oy * f, w, rows * f).reshape(rows, f, w // f, f, 3)
-                total = block.sum(axis=3, dtype=np.uint32).sum(axis=1)  # no float copy of the band
-                out[oy : oy + rows, x // f : (x + w) // f] = (total + f * f // 2) // (f * f)
+            block = self.read(0, oy * f, out_w * f, rows * f)
+            out[oy : oy + rows] = np.asarray(Image.fromarray(block).reduce(f)) if f > 1 else block
         return out
 
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
