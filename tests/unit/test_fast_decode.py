@@ -125,3 +125,13 @@ def test_grid_off_the_tile_grid_is_re_encoded(tmp_path, tiny_data, caplog):
     with caplog.at_level(logging.INFO, logger="digilut.extract"):
         r = extract_slide(path, tmp_path / "out", ExtractConfig(stride_px=128))
     assert r.status == "ok" and "JPEG tiles copied" not in caplog.text and "1× resize" in caplog.text
+
+
+def test_mean_rgb_is_numpys_mean_colour():
+    from digilut.extract import mean_rgb
+
+    px = np.random.default_rng(0).integers(0, 256, (527, 301, 3), dtype=np.uint8)
+    assert np.allclose(mean_rgb(px), px.reshape(-1, 3).mean(axis=0), rtol=0, atol=1e-9)
+    assert np.allclose(
+        mean_rgb(px[10:20, 5:9]), px[10:20, 5:9].reshape(-1, 3).mean(axis=0), rtol=0, atol=1e-9
+    )
