@@ -186,8 +186,9 @@ def run_type(
     ds = info.levels[choice.level].downsample
     rows = list(zip(m.x0.tolist(), m.y0.tolist(), strict=True))
     methods: dict[str, Callable[[], tuple[int, int, int]]] = {
+        # pyFAST wants an even patch side: 527 → 526 px on the 4× pyramid
         "(b) original: FAST + JPG files": lambda: _original(
-            slide, choice.level, region, work / f"{kind}-orig"
+            slide, choice.level, region - region % 2, work / f"{kind}-orig"
         ),
         "(c) naive OpenSlide, read only": lambda: _naive(slide, rows, choice.level, round(w0 / ds), False),
         "(d) naive OpenSlide + resize + JPEG": lambda: _naive(
