@@ -5,6 +5,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import pytest
 import tifffile
@@ -117,6 +118,7 @@ def test_a_patch_that_is_one_jpeg_tile_is_stored_as_it_is_and_decodes_to_the_til
         assert data == streams[(row.y0 // side) * tiles_x + row.x0 // side]  # the tile's bytes
         pixels = read_patch(tmp_path / "out", row)
         assert np.array_equal(pixels, truth[row.y0 : row.y0 + side, row.x0 : row.x0 + side])
+        assert np.array_equal(imagecodecs.jpeg8_decode(data), pixels)  # the training loader's decoder
 
 
 def test_grid_off_the_tile_grid_is_re_encoded(tmp_path, tiny_data, caplog):
