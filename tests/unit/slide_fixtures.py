@@ -16,14 +16,22 @@ def resolution(mpp: float) -> dict[str, object]:
 
 
 def write_pyramid(
-    path: Path, level0: np.ndarray, *, mpp: float = 0.25, levels: int = 3, subifds: bool = False
+    path: Path,
+    level0: np.ndarray,
+    *,
+    mpp: float = 0.25,
+    levels: int = 3,
+    subifds: bool = False,
+    factor: int = 2,
+    tile_px: int = 256,
 ) -> Path:
-    """``level0`` as a tiled JPEG pyramid halving ``levels - 1`` times: reduced levels as pages of
-    their own (``subfiletype=1``) or, with ``subifds``, as SubIFDs of the base page (OME style)."""
-    opts = {"tile": (256, 256), "compression": "jpeg", "photometric": "rgb", "metadata": None}
+    """``level0`` as a tiled JPEG pyramid shrinking by ``factor`` ``levels - 1`` times (4: Aperio
+    style): reduced levels as pages of their own (``subfiletype=1``) or, with ``subifds``, as
+    SubIFDs of the base page (OME style)."""
+    opts = {"tile": (tile_px, tile_px), "compression": "jpeg", "photometric": "rgb", "metadata": None}
     with tifffile.TiffWriter(path) as tif:
         tif.write(level0, subifds=levels - 1 if subifds else 0, **opts, **resolution(mpp))
         for k in range(1, levels):
-            small = shrink(level0, max(level0.shape[:2]) // 2**k)
-            tif.write(small, subfiletype=1, **opts, **resolution(mpp * 2**k))
+            small = shrink(level0, max(level0.shape[:2]) // factor**k)
+            tif.write(small, subfiletype=1, **opts, **resolution(mpp * factor**k))
     return path

@@ -1,0 +1,279 @@
+"""Extraction on three kinds of slide, per CPU-second (the 2 cores here are shared with other jobs).
+
+Slide types, generated here with tifffile from one synthetic H&E slide (``digilut.synth``), every
+reduced level an area average of level 0:
+
+* ``2x-pyramid-20x``: DigiLut-like 2× pyramid at 0.25 µm/px with a 20x level, 256-px JPEG tiles
+  (at stride 256 a patch is one tile: digilut copies the tile's JPEG stream);
+* ``4x-pyramid``: Aperio-style 4× pyramid (downsamples 1/4/16) at 0.243 µm/px, 512-px tiles: no
+  level near 20x, so 20x is read from level 0 and shrunk 2.06× (digilut decodes at 1/2);
+* ``striped``: one level at 0.25 µm/px in 64-row JPEG strips (no pyramid, no tiles).
+
+For each, on the same patch grid (256 px at 0.5 µm/px, stride 256): (a) ``digilut prepare`` end to
+end in this process, one thread (tissue mask, read, checks, JPEG, shard, manifest); (b) the original
+method: pyFAST ``PatchGenerator`` + one Pillow JPEG file per patch; (c) a naive OpenSlide
+``read_region`` loop over (a)'s patches, read only; (d) the same loop + BOX resize to 256 px +
+Pillow JPEG q90. CPU time is the process's user + system time including children
+(``resource.getrusage``), so other jobs on the machine do not count.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+SLIDE_TYPES = ("2x-pyramid-20x", "4x-pyramid", "striped")
+PATCH_PX, TARGET_MPP, QUALITY = 256, 0.5, 90
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
+
+
+def _timed(fn: Callable[[], tuple[int, int, int]]) -> dict[str, float]:
+    t0, c0 = time.perf_counter(), _cpu()
+    patches, nbytes, objects = fn()
+    wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    return {
+        "patches": patches,
+        "per_cpu_s": patches / max(cpu, 1e-9),
+        "per_wall_s": patches / max(wall, 1e-9),
+        "bytes": nbytes / max(patches, 1),
+        "objects": objects,
+    }
+
+
+def _resolution(mpp: float) -> dict[str, object]:
+    return {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+
+
+def _levels(level0: np.ndarray, factor: int, min_side: int = 512) -> list[np.ndarray]:
+    """Level 0 and its area averages by ``factor``, ``factor²``, … while the long side ≥ min_side."""
+    out = [level0]
+    while max(out[-1].shape[:2]) // factor >= min_side:
+        out.append(np.asarray(Image.fromarray(out[-1]).reduce(factor)))
+    return out
+
+
+def write_slide_type(kind: str, level0: np.ndarray, path: Path) -> Path:
+    """``level0`` (H&E-like RGB) written as the slide type ``kind`` (see the module docstring)."""
+    opts = {"compression": "jpeg", "compressionargs": {"level": 85}, "photometric": "rgb", "metadata": None}
+    with tifffile.TiffWriter(path, bigtiff=level0.size > 2**31) as tif:
+        if kind == "striped":
+            tif.write(level0, rowsperstrip=64, **opts, **_resolution(0.25))
+            return path
+        factor, mpp, tile = (2, 0.25, 256) if kind == "2x-pyramid-20x" else (4, 0.243, 512)
+        for k, pixels in enumerate(_levels(level0, factor)):
+            desc = f"digilut bench|mpp={mpp}" if k == 0 else None
+            sub = 0 if k == 0 else 1
+            tif.write(
+                pixels,
+                tile=(tile, tile),
+                subfiletype=sub,
+                description=desc,
+                **opts,
+                **_resolution(mpp * factor**k),
+            )
+    return path
+
+
+def _base_image(work: Path, size: str) -> np.ndarray:
+    from digilut.synth import SynthConfig, plan_slide, write_slide
+
+    path = work / f"synth-{size}.tif"
+    if not path.is_file():
+        write_slide(plan_slide("bench_a.tif", SynthConfig(size=size), seed=7, positive=True), path)  # type: ignore[arg-type]
+    return tifffile.imread(path)
+
+
+def _original(slide: Path, level: int, region: int, dst: Path) -> tuple[int, int, int]:
+    """pyFAST tissue segmentation + PatchGenerator, one Pillow JPEG file per patch."""
+    import fast
+
+    fast.Reporter.setGlobalReportMethod(fast.Reporter.NONE)
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    importer = fast.WholeSlideImageImporter.create(str(slide))
+    tissue = fast.TissueSegmentation.create(useColorThresholdingMethod=True).connect(importer)
+    gen = (
+        fast.PatchGenerator.create(region, region, level=level, maskThreshold=0.5)
+        .connect(0, importer)
+        .connect(1, tissue)
+    )
+    n = size = 0
+    for patch in fast.DataStream(gen):
+        px = np.asarray(patch)[..., :3]
+        if region != PATCH_PX:
+            px = np.asarray(Image.fromarray(px).resize((PATCH_PX, PATCH_PX), Image.Resampling.BOX))
+        path = dst / f"{slide.stem}_{n}.jpg"
+        Image.fromarray(px).save(path, quality=QUALITY)
+        size += path.stat().st_size
+        n += 1
+    return n, size, n
+
+
+def _naive(
+    slide: Path, rows: list[tuple[int, int]], level: int, side: int, encode: bool
+) -> tuple[int, int, int]:
+    """OpenSlide ``read_region`` per patch (+ BOX resize to 256 px + Pillow JPEG q90 with ``encode``)."""
+    import openslide
+
+    osl = openslide.OpenSlide(str(slide))
+    size = 0
+    for x0, y0 in rows:
+        im = osl.read_region((x0, y0), level, (side, side)).convert("RGB")
+        if encode:
+            if side != PATCH_PX:
+                im = im.resize((PATCH_PX, PATCH_PX), Image.Resampling.BOX)
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=QUALITY)
+            size += buf.tell()
+    osl.close()
+    return len(rows), size, 0
+
+
+def _profile(fn: Callable[[], object], top: int = 12) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def run_type(
+    kind: str, level0: np.ndarray, work: Path, *, profile: bool = False
+) -> dict[str, dict[str, float]]:
+    """The four methods on one slide type; rows that cannot run (OpenSlide on strips) are left out."""
+    from digilut.extract import ExtractConfig, prepare_dataset
+    from digilut.manifest import read_manifest
+    from digilut.slide import choose_level, read_slide_info
+
+    data = work / kind
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    slide = write_slide_type(kind, level0, data / "images" / "bench_a.tif")
+    info = read_slide_info(slide)
+    choice = choose_level(info, TARGET_MPP)
+    region = round(PATCH_PX * choice.scale)
+    cfg = ExtractConfig(patch_px=PATCH_PX, target_mpp=TARGET_MPP, stride_px=PATCH_PX, jpeg_quality=QUALITY)
+    out = work / f"{kind}-ours"
+
+    def ours() -> tuple[int, int, int]:
+        shutil.rmtree(out, ignore_errors=True)
+        rep = prepare_dataset(data, out, cfg, workers=0, threads=1)
+        shards = list((out / "shards").iterdir())
+        return rep.patches, sum(s.stat().st_size for s in shards), len(shards)
+
+    results: dict[str, dict[str, float]] = {"(a) digilut prepare, 1 thread": _timed(ours)}
+    if profile:
+        print(f"--- cProfile of (a) on {kind} (tottime) ---\n{_profile(ours)}")
+    m = read_manifest(out)
+    w0 = int(m.w0.iloc[0])
+    ds = info.levels[choice.level].downsample
+    rows = list(zip(m.x0.tolist(), m.y0.tolist(), strict=True))
+    methods: dict[str, Callable[[], tuple[int, int, int]]] = {
+        # pyFAST wants an even patch side: 527 → 526 px on the 4× pyramid
+        "(b) original: FAST + JPG files": lambda: _original(
+            slide, choice.level, region - region % 2, work / f"{kind}-orig"
+        ),
+        "(c) naive OpenSlide, read only": lambda: _naive(slide, rows, choice.level, round(w0 / ds), False),
+        "(d) naive OpenSlide + resize + JPEG": lambda: _naive(
+            slide, rows, choice.level, round(w0 / ds), True
+        ),
+    }
+    for name, fn in methods.items():
+        try:
+            results[name] = _timed(fn)
+        except Exception as err:  # OpenSlide cannot open striped TIFFs; pyFAST may refuse a slide
+            print(f"{kind}: {name} cannot run: {type(err).__name__}: {err}")
+    shutil.rmtree(work / f"{kind}-orig", ignore_errors=True)
+    return results
+
+
+def print_table(kind: str, results: dict[str, dict[str, float]]) -> None:
+    cols = ("patches", "/CPU-s", "/s wall", "B/patch", "objects")
+    head = f"{kind:18} {'method':38} " + " ".join(f"{c:>8}" for c in cols)
+    print(head)
+    for name, r in results.items():
+        print(
+            f"{'':18} {name:38} {r['patches']:8.0f} {r['per_cpu_s']:8.0f} {r['per_wall_s']:8.0f} "
+            f"{r['bytes']:8.0f} {r['objects']:8.0f}"
+        )
+    a = results["(a) digilut prepare, 1 thread"]["per_cpu_s"]
+    ratios = [
+        f"{label} {a / results[key]['per_cpu_s']:.1f}×"
+        for label, key in (
+            ("vs original", "(b) original: FAST + JPG files"),
+            ("vs naive read", "(c) naive OpenSlide, read only"),
+            ("vs naive read+resize+JPEG", "(d) naive OpenSlide + resize + JPEG"),
+        )
+        if key in results
+    ]
+    print(f"{'':18} (a) per CPU-second: " + ", ".join(ratios))
+
+
+def main(quick: bool | Path = False, *, profile: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+    """Run every slide type: ``quick`` on a 4096 × 3072 px base image (seconds, for the tests),
+    else on a 24,576 × 18,432 px one (four demo slides' tissue). ``python -m bench`` passes its
+    output folder instead: the full run there, or the quick one under ``python -m bench --quick``;
+    the tables are then also written to ``<out>/table.txt``."""
+    if isinstance(quick, Path):  # python -m bench passes the part's output folder
+        import contextlib
+        import io
+
+        from bench import quick as quick_mode
+        from bench import write_table
+
+        out, buf = quick, io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            every = main(quick_mode(), profile=profile)
+        write_table(out, buf.getvalue().rstrip())
+        return every
+    else:
+        work = Path(tempfile.mkdtemp(prefix="digilut-bench-extract-types-"))
+    from digilut.tissue import tissue_mask
+
+    # pyFAST's first use in a process (OpenCL set-up) is not per slide: a worker pays it once.
+    blob = np.full((256, 256, 3), 240, np.uint8)
+    blob[64:192, 64:192] = (150, 60, 140)
+    tissue_mask(blob, 256, 256)
+    level0 = _base_image(work, "tiny" if quick else "demo")
+    if not quick:  # 2 × 2 demo slides: ~700 tissue patches at 20x, so per-slide costs weigh as on real slides
+        level0 = np.tile(level0, (2, 2, 1))
+    h, w = level0.shape[:2]
+    print(
+        f"base image {w}×{h} px; patches {PATCH_PX} px at {TARGET_MPP} µm/px, stride {PATCH_PX}; "
+        "CPU = process time incl. children"
+    )
+    every: dict[str, dict[str, dict[str, float]]] = {}
+    for kind in SLIDE_TYPES:
+        every[kind] = run_type(kind, level0, work, profile=profile)
+        print_table(kind, every[kind])
+    shutil.rmtree(work, ignore_errors=True)
+    return every
+
+
+if __name__ == "__main__":
+    import argparse
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="cProfile (a) on every slide type")
+    args = ap.parse_args()
+    main(args.quick, profile=args.profile)
