@@ -245,6 +245,7 @@ def calibrate_levels(
     )
 
 
+@dataclass(frozen=True)
 class _ReadPlan:
     """How a slide's patches are read: the level, its JPEG decoding scale (the level is read at
     ``1/decode_scale``), the region side in those pixels, and whether each patch is one JPEG tile
