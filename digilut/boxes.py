@@ -38,9 +38,11 @@ remaining tissue cells) — never with ``(0,0,0,0)``.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -55,6 +57,8 @@ from digilut.score import giou_matrix, score_slides
 log = logging.getLogger(__name__)
 
 Method = Literal["hysteresis", "dbscan", "fuse"]
+Background = Literal["none", "slide", "local"]
+BACKGROUNDS: tuple[str, ...] = ("none", "slide", "local")
 Fit = Literal["model", "grid"]
 METHODS: tuple[str, ...] = ("hysteresis", "dbscan", "fuse")
 BOX_COLUMNS = ("filename", "x1", "x2", "y1", "y2", "score", "rank", "source")
@@ -69,6 +73,9 @@ class BoxesConfig:
     """Parameters of :func:`heatmap_to_boxes` (level-0 pixels throughout)."""
 
     method: Method = "hysteresis"
+    background: Background = "slide"  # thresholds relative to the slide's (or local) background level
+    background_quantile: float = 0.25  # the background is this quantile of the patch probabilities
+    background_window_cells: int = 24  # local: side of the square window of the quantile
     high: float = 0.75  # hysteresis: seed threshold on cells; dbscan/fuse: positive-patch threshold
     low: float = 0.5  # hysteresis: grow threshold on cells (≤ high)
     min_area_px2: float = 0.0  # candidates with a smaller area are dropped
@@ -90,6 +97,12 @@ class BoxesConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.background not in BACKGROUNDS:
+            raise ConfigError(f"background={self.background!r}: choose one of {', '.join(BACKGROUNDS)}")
+        if not 0.0 <= self.background_quantile < 1.0:
+            raise ConfigError(f"background_quantile={self.background_quantile} must be in [0, 1)")
+        if self.background_window_cells < 3:
+            raise ConfigError(f"background_window_cells={self.background_window_cells} must be ≥ 3 cells")
         for name in ("high", "low"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -129,12 +142,83 @@ class BoxesConfig:
             raise ConfigError(f"fuse_min_neighbours={self.fuse_min_neighbours} must be in 0..8")
 
 
+BOXES_CONFIG_NAME = "boxes_config.json"  # the tuned config, beside an ensemble's model files
+
+
+def save_boxes_config(cfg: BoxesConfig, path: Path) -> Path:
+    """Write ``cfg`` as JSON (every field) to ``path``."""
+    path.write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True))
+    return path
+
+
+def load_boxes_config(path: Path) -> BoxesConfig:
+    """The :class:`BoxesConfig` saved at ``path``; a file that is not one is a :class:`ConfigError`
+    naming it and the offending fields."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: not a readable boxes config ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a boxes config is a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - {f.name for f in fields(BoxesConfig)})
+    if unknown:
+        raise ConfigError(f"{path}: unknown boxes config field(s) {', '.join(unknown)}")
+    try:
+        return BoxesConfig(**data)
+    except (TypeError, ConfigError) as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
 @dataclass(frozen=True)
 class _Candidate:
     box: tuple[float, float, float, float]  # x1, x2, y1, y2
     mass: float
     source: str  # component | split | fill
     part: int = 0  # label in the hysteresis part image (0: none)
+
+
+# --- relative heatmap ------------------------------------------------------------------------
+
+
+def relative_heatmap(hm: Heatmap, background: str, quantile: float = 0.25, window_cells: int = 24) -> Heatmap:
+    """``hm`` with its probabilities rescaled to ``(p − background) / (top − background)``, clipped to
+    [0, 1], so that thresholds mean "how far above this slide's normal tissue" rather than absolute
+    probabilities: a classifier whose normal tissue sits at 0.3–0.6 on one slide and 0.05 on the next
+    gets the same boxes.
+
+    ``background``: ``none`` (unchanged), ``slide`` (the ``quantile`` of the slide's patch
+    probabilities: lesions cover a small share of tissue, so a low quantile is normal tissue even on
+    a small slide with a large lesion), ``local`` (that quantile over a ``window_cells`` square
+    around each patch: a background that drifts across the slide). ``top``: the slide's highest
+    patch probability. A slide whose top is not above its background is unchanged.
+    """
+    if background == "none":
+        return hm
+    has = ~np.isnan(hm.patch_prob)
+    if not has.any():
+        return hm
+    values = hm.patch_prob[has]
+    level = float(np.quantile(values, quantile))
+    if background == "local":
+        filled = np.where(has, hm.patch_prob, level).astype(np.float64)
+        bg_patch = ndimage.percentile_filter(filled, 100 * quantile, size=window_cells, mode="nearest")
+    else:
+        bg_patch = np.full(hm.patch_prob.shape, level)
+    top = float(values.max())
+    if top - bg_patch[has].min() <= 1e-6:
+        return hm
+    span = np.maximum(top - bg_patch, 1e-6)
+    patch_rel = np.where(has, np.clip((hm.patch_prob - bg_patch) / span, 0.0, 1.0), np.nan).astype(np.float32)
+    # Cells: the mean of the relative probabilities of the patches covering them (as build_heatmap).
+    kr, kc = hm.patch_cells
+    rows, cols = hm.shape
+    starts = np.nan_to_num(patch_rel, nan=0.0).astype(np.float64)
+    csum = np.zeros((rows, cols), np.float64)
+    for dr in range(kr):
+        for dc in range(kc):
+            csum[dr:, dc:] += starts[: rows - dr, : cols - dc]
+    cell = np.where(hm.count > 0, csum / np.maximum(hm.count, 1), 0.0).astype(np.float32)
+    return replace(hm, prob=cell, patch_prob=patch_rel)
 
 
 # --- candidates ------------------------------------------------------------------------------
@@ -489,6 +573,7 @@ def heatmap_to_boxes(hm: Heatmap, n: int | None, cfg: BoxesConfig | None = None)
     cfg = cfg or BoxesConfig()
     if n is not None and n < 0:
         raise ConfigError(f"n={n}: the number of boxes must be ≥ 0")
+    hm = relative_heatmap(hm, cfg.background, cfg.background_quantile, cfg.background_window_cells)
     parts = None
     if cfg.method == "hysteresis":
         parts, cands = _hysteresis_candidates(hm, cfg)

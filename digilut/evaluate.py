@@ -82,12 +82,14 @@ def evaluate_predictions(
     oof_truth: pd.DataFrame | None = None,
     counts: dict[str, int] | None = None,
     boxes_config: BoxesConfig | None = None,
+    tune_base: BoxesConfig | None = None,
 ) -> Evaluation:
     """Score test-patch predictions ``pred`` (manifest rows + ``prob`` + ``label``) against ``truth``.
 
     ``oof``: out-of-fold predictions of the training slides (``oof.parquet`` of every fold) for the
     threshold; with ``oof_truth`` (their boxes) the boxes config is tuned on them unless
-    ``boxes_config`` is given. ``counts``: boxes per slide (default: each slide's truth count).
+    ``boxes_config`` is given, starting from ``tune_base`` (its ``method`` and the fields the grid does
+    not set). ``counts``: boxes per slide (default: each slide's truth count).
     """
     threshold = 0.5
     oof_patch = None
@@ -97,12 +99,12 @@ def evaluate_predictions(
     patch = patch_metrics(pred["label"].to_numpy(), pred["prob"].to_numpy(), threshold)
     tuned_f2 = None
     if boxes_config is None and oof is not None and oof_truth is not None and len(oof_truth):
-        tuned = tune_boxes(oof, oof_truth)
+        tuned = tune_boxes(oof, oof_truth, base=tune_base)
         boxes_config, tuned_f2 = tuned.best, tuned.best_f2
         log.info(
             "evaluate: boxes config tuned on %d OOF slide(s): mean F2 %.4f", oof["slide"].nunique(), tuned_f2
         )
-    boxes_config = boxes_config or BoxesConfig()
+    boxes_config = boxes_config or tune_base or BoxesConfig()
     if counts is None:
         counts = {str(k): int(v) for k, v in truth.groupby("filename").size().items()}
     boxes = slide_boxes(pred, counts, boxes_config)

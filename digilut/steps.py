@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from digilut.annotations import check_slide_name, check_slide_sizes
-from digilut.boxes import BoxesConfig
+from digilut.boxes import BOXES_CONFIG_NAME, BoxesConfig, load_boxes_config, save_boxes_config
 from digilut.cpus import available_cpus
 from digilut.errors import ShardError
 from digilut.evaluate import Evaluation, evaluate_predictions
@@ -405,6 +405,7 @@ def evaluate_step(
         oof=oof if len(oof) else None,
         oof_truth=oof_truth if tune_boxes else None,
         boxes_config=None if tune_boxes else boxes_cfg,
+        tune_base=boxes_cfg,
     )
     ev.save(results)
     hms = build_heatmaps(pred) if len(pred) else {}
@@ -418,6 +419,7 @@ def evaluate_step(
     for d in model_dirs:  # the ensemble travels with the results: the inference pipeline reads it
         r = FoldResult.load(d)
         shutil.copy2(d / r.model_file, results / "models" / f"fold{r.fold}.pt")
+    save_boxes_config(ev.boxes_config, results / "models" / BOXES_CONFIG_NAME)  # tuned: travels too
     return ev
 
 
@@ -454,7 +456,10 @@ def publish_step(
             tracker.log_metrics(run, figures.scalars, step=0)
             tracker.log_artifacts(run, results, "results")
             if register_model:
-                tracker.register_ensemble(run, sorted((results / "models").glob("*.pt")), register_model)
+                extra = [p for p in [results / "models" / BOXES_CONFIG_NAME] if p.is_file()]
+                tracker.register_ensemble(
+                    run, sorted((results / "models").glob("*.pt")), register_model, extra_files=extra
+                )
             tracker.end_run(run)
 
 
@@ -466,24 +471,25 @@ MODEL_GLOB = "*.pt"
 def fetch_models_step(model_uri: str, models: Path) -> list[Path]:
     """Copy an ensemble's model files into ``models``: from a folder or ``s3://`` prefix holding
     ``*.pt`` digilut model files (e.g. a training run's ``results/models``), or an MLflow registry
-    URI ``models:/<name>/<version>`` (the registered ensemble's artifacts)."""
+    URI ``models:/<name>/<version>`` (the registered ensemble's artifacts). The boxes config the
+    training run tuned (``boxes_config.json`` beside the models) comes along when there is one."""
     models.mkdir(parents=True, exist_ok=True)
     if model_uri.startswith("models:/") or model_uri.startswith("runs:/"):
         import mlflow.artifacts
 
-        src = Path(
+        root = Path(
             mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(models / "mlflow"))
         )
-        found = sorted(p for p in src.rglob(MODEL_GLOB) if p.name != "last.pt")
     elif model_uri.startswith("s3://"):
         from digilut.ingest import s3_target
         from digilut.storage import download_prefix
 
         cfg, prefix = s3_target(model_uri)
-        download_prefix(cfg, prefix, models / "s3")
-        found = sorted(p for p in (models / "s3").rglob(MODEL_GLOB) if p.name != "last.pt")
+        root = models / "s3"
+        download_prefix(cfg, prefix, root)
     else:
-        found = sorted(p for p in Path(model_uri).rglob(MODEL_GLOB) if p.name != "last.pt")
+        root = Path(model_uri)
+    found = sorted(p for p in root.rglob(MODEL_GLOB) if p.name != "last.pt")
     if not found:
         raise FileNotFoundError(f"{model_uri}: no model files ({MODEL_GLOB}) found")
     out = []
@@ -491,7 +497,16 @@ def fetch_models_step(model_uri: str, models: Path) -> list[Path]:
         dst = models / f"model{i}.pt"
         shutil.copy2(p, dst)
         out.append(dst)
-    log.info("models: %d model file(s) from %s", len(out), model_uri)
+    configs = sorted(root.rglob(BOXES_CONFIG_NAME))
+    if configs:  # the boxes config the training run tuned for this ensemble
+        load_boxes_config(configs[0])  # a broken file fails here, naming it
+        shutil.copy2(configs[0], models / BOXES_CONFIG_NAME)
+    log.info(
+        "models: %d model file(s) from %s; %s",
+        len(out),
+        model_uri,
+        f"tuned boxes config {configs[0]}" if configs else "no tuned boxes config (defaults apply)",
+    )
     return out
 
 
@@ -501,12 +516,16 @@ def predict_all_step(patches: Path, models: Path, predictions: Path, cfg: Predic
     files = sorted(models.glob("model*.pt"))
     out = predict_patches(read_manifest(patches), shard_store(patches), files, cfg, pick_device())
     write_manifest(out, predictions / PREDICTIONS_NAME)
+    if (models / BOXES_CONFIG_NAME).is_file():  # the ensemble's tuned boxes config goes with its output
+        shutil.copy2(models / BOXES_CONFIG_NAME, predictions / BOXES_CONFIG_NAME)
     return out
 
 
 def submission_step(data_uri: str, predictions: Path, results: Path, cfg: BoxesConfig) -> Path:
     """N boxes per slide of the source's ``test.csv`` (``filename,max_x,max_y,trustii_id``) in the
-    challenge submission format ``trustii_id,filename,y1,y2,x1,x2``."""
+    challenge submission format ``trustii_id,filename,y1,y2,x1,x2``. The boxes config the ensemble's
+    training run tuned (``predictions/boxes_config.json``, carried from the models) replaces ``cfg``
+    when present; ``cfg`` applies to an ensemble without one."""
     from digilut.annotations import expected_counts, read_test_list
     from digilut.boxes import slide_boxes
     from digilut.ingest import fetch_file
@@ -519,6 +538,12 @@ def submission_step(data_uri: str, predictions: Path, results: Path, cfg: BoxesC
     table = read_test_list(test_csv)
     table.log_problems()
     pred = pd.read_parquet(predictions / PREDICTIONS_NAME)
+    if (predictions / BOXES_CONFIG_NAME).is_file():
+        tuned = load_boxes_config(predictions / BOXES_CONFIG_NAME)
+        if tuned.method != cfg.method:
+            log.warning("boxes_method=%s ignored: the ensemble was tuned with %s", cfg.method, tuned.method)
+        cfg = tuned
+        log.info("submission: the ensemble's tuned boxes config: %s", cfg)
     counts = expected_counts(table.rows)
     hms = build_heatmaps(pred) if len(pred) else {}
     boxes = slide_boxes(pred, counts, cfg, heatmaps=hms)

@@ -44,6 +44,7 @@ from digilut.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SizeName = Literal["tiny", "demo", "full"]
+Realism = Literal["simple", "real"]
 MPP0 = 0.25  # µm per level-0 pixel: 40x, as DigiLut
 TILE_PX = 512
 THUMB_MAX_PX = 1024  # the last level is the first whose long side is at most this
@@ -77,8 +78,11 @@ class SynthConfig:
     positive_fraction: float = 0.75  # share of slides that carry lesions
     max_boxes_per_slide: int = 5
     jpeg_quality: int = 85
+    realism: Realism = "simple"  # real: digilut.synth_real (real H&E texture, stain, infiltrates)
 
     def __post_init__(self) -> None:
+        if self.realism not in ("simple", "real"):
+            raise ConfigError(f"realism={self.realism!r}: choose simple or real")
         if self.patients < 1:
             raise ConfigError(f"patients={self.patients}: need at least 1")
         if self.size not in _SIZES:
@@ -401,6 +405,10 @@ def write_slide(plan: SlidePlan, path: str | Path, *, quality: int = 85, mpp: fl
 
 def synth_dataset(out: str | Path, cfg: SynthConfig) -> pd.DataFrame:
     """Write a synthetic DigiLut dataset to ``out`` and return its boxes (the rows of train.csv)."""
+    if cfg.realism == "real":
+        from digilut.synth_real import synth_real_dataset
+
+        return synth_real_dataset(out, cfg)[0]
     out = Path(out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)

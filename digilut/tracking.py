@@ -26,11 +26,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,11 +263,20 @@ class Tracker:
             path = Path(model_file)
             self._put(_Call("model", run, lambda: self._log_model(run, path, name)))
 
-    def register_ensemble(self, run: RunHandle, model_files: list[str | Path], model_name: str) -> None:
-        """Log the fold models as one pyfunc ensemble on ``run`` and register it as ``model_name``."""
+    def register_ensemble(
+        self,
+        run: RunHandle,
+        model_files: list[str | Path],
+        model_name: str,
+        *,
+        extra_files: Sequence[str | Path] = (),
+    ) -> None:
+        """Log the fold models as one pyfunc ensemble on ``run`` and register it as ``model_name``;
+        ``extra_files`` (the tuned boxes config) are stored in the ensemble's folder beside them."""
         if self.enabled:
             paths = [Path(p) for p in model_files]
-            self._put(_Call("register", run, lambda: self._register(run, paths, model_name)))
+            extras = [Path(p) for p in extra_files]
+            self._put(_Call("register", run, lambda: self._register(run, paths, model_name, extras)))
 
     def end_run(self, run: RunHandle, status: str = "FINISHED") -> None:
         if self.enabled:
@@ -504,7 +514,7 @@ class Tracker:
             self._client_().log_artifacts(self._run_id(run), str(Path(tmp) / name), name)
             self._client_().log_artifact(self._run_id(run), str(model_file), "checkpoint")
 
-    def _register(self, run: RunHandle, paths: list[Path], model_name: str) -> None:
+    def _register(self, run: RunHandle, paths: list[Path], model_name: str, extras: list[Path]) -> None:
         import mlflow.pyfunc
 
         client = self._client_()
@@ -516,6 +526,8 @@ class Tracker:
                 artifacts={f"model{i}": str(p) for i, p in enumerate(paths)},
                 pip_requirements=_pip_requirements(),
             )
+            for extra in extras:
+                shutil.copy2(extra, Path(tmp) / "ensemble" / extra.name)
             client.log_artifacts(run_id, str(Path(tmp) / "ensemble"), "ensemble")
         try:
             client.create_registered_model(model_name)

@@ -21,12 +21,16 @@ def synth(
     patients: int = typer.Option(4, "--patients", "-n", help="Number of patients (2 slides each)."),
     seed: int = typer.Option(0, help="Random seed: same seed, same slides."),
     size: str = typer.Option("tiny", help="tiny (~1 s/slide, tests) | demo | full (83k×197k px, real size)."),
+    realism: str = typer.Option(
+        "simple",
+        help="simple (procedural, colour-separable) | real (real H&E, stain, infiltrates; tiny/demo).",
+    ),
 ) -> None:
     """Write synthetic DigiLut-like slides (pyramidal tiled-JPEG TIFFs at 0.25 µm/px) and their boxes."""
     from digilut.synth import SynthConfig, synth_dataset
 
     try:
-        df = synth_dataset(out, SynthConfig(patients=patients, seed=seed, size=size))  # type: ignore[arg-type]
+        df = synth_dataset(out, SynthConfig(patients=patients, seed=seed, size=size, realism=realism))  # type: ignore[arg-type]
     except DigilutError as err:
         raise typer.BadParameter(str(err)) from err
     typer.echo(f"{2 * patients} slides, {len(df)} boxes -> {out}/images, {out}/train.csv")

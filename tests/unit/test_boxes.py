@@ -13,6 +13,7 @@ from digilut.boxes import (
     fit_box,
     heatmap_to_boxes,
     hysteresis_labels,
+    relative_heatmap,
     slide_boxes,
     tune_boxes,
 )
@@ -280,3 +281,41 @@ def test_tune_boxes_picks_the_best_valid_configuration():
     assert res.best.margin_px == 0.0 and res.table["mean_f2"].min() == 0.0  # shrinking by 600 px misses
     with pytest.raises(ConfigError, match="unknown field"):
         tune_boxes(oof, truth, {"threshold": (0.5,)})
+
+
+def _miscalibrated(patches: pd.DataFrame, background: float, seed: int = 0) -> pd.DataFrame:
+    """A classifier's view of perfect labels: normal tissue at ``background``, the lesion at 0.9,
+    soft edges, a weaker correlated false-positive blob, per-patch noise."""
+    rng = np.random.default_rng(seed)
+    c, r = patches["x0"].to_numpy() // 256, patches["y0"].to_numpy() // 256
+    grid = np.zeros((int(r.max()) + 1, int(c.max()) + 1))
+    grid[r, c] = patches["prob"].to_numpy()
+    signal = ndimage.gaussian_filter(grid, 1.0)
+    yy, xx = np.mgrid[: grid.shape[0], : grid.shape[1]]
+    blob = 0.5 * np.exp(-(((yy - 22) / 3) ** 2 + ((xx - 24) / 3) ** 2))  # away from the lesion
+    prob = background + (0.9 - background) * np.maximum(signal / signal.max(), blob)
+    prob += rng.normal(0, 0.04, grid.shape)
+    return patches.assign(prob=np.clip(prob[r, c], 0, 1))
+
+
+@pytest.mark.parametrize("background", [0.3, 0.55])
+def test_a_miscalibrated_heatmap_gives_a_hit_relative_to_its_background(background):
+    """Normal tissue at 0.3–0.6 (a real classifier's background on unseen slides): absolute
+    thresholds grow the box over the slide; thresholds relative to the slide's background hit."""
+    patches = _miscalibrated(oracle_patches([LESION]), background)
+    hm = build_heatmap(patches)
+    relative = coords(heatmap_to_boxes(hm, 1, BoxesConfig(background="slide")))
+    assert giou_matrix(relative, np.array([LESION]))[0, 0] > 0.5
+    local = coords(heatmap_to_boxes(hm, 1, BoxesConfig(background="local")))
+    assert giou_matrix(local, np.array([LESION]))[0, 0] > 0.5
+    absolute = coords(heatmap_to_boxes(hm, 1, BoxesConfig(background="none", high=0.5, low=0.3)))
+    assert giou_matrix(absolute, np.array([LESION]))[0, 0] < 0.5
+
+
+def test_relative_heatmap_leaves_perfect_labels_alone_and_rescales_a_shifted_one():
+    hm = build_heatmap(oracle_patches([LESION]))
+    same = relative_heatmap(hm, "slide")
+    np.testing.assert_array_equal(same.prob, hm.prob)
+    shifted = build_heatmap(oracle_patches([LESION]).assign(prob=lambda d: 0.4 + 0.5 * d["prob"]))
+    np.testing.assert_allclose(relative_heatmap(shifted, "slide").prob, hm.prob, atol=1e-6)
+    assert relative_heatmap(shifted, "none") is shifted

@@ -12,9 +12,11 @@ import pytest
 import torch
 from patch_fixtures import make_patch_manifest
 
+from digilut.boxes import BOXES_CONFIG_NAME, BoxesConfig, load_boxes_config, save_boxes_config
 from digilut.errors import ConfigError
 from digilut.model import ModelSpec, build_model, load_model, save_model
 from digilut.predict import Ensemble
+from digilut.steps import fetch_models_step
 from digilut.tracking import PARENT_TAG, Tracker, TrackingConfig, kfp_run_tags, parse_pipeline_params
 from digilut.train import TrainConfig, train_fold
 
@@ -101,16 +103,19 @@ def test_unknown_run_id_starts_a_new_run(store: str) -> None:
     assert run.run_id and run.run_id != "0123456789abcdef0123456789abcdef"
 
 
-def test_ensemble_is_registered_and_predicts_like_the_folds(store: str, tmp_path: Path) -> None:
+def test_ensemble_is_registered_and_predicts_like_the_folds(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     paths = []
     for i in range(2):
         torch.manual_seed(i)
         paths.append(
             save_model(tmp_path / f"m{i}.pt", build_model(ModelSpec(hidden_units=8, input_px=32), "none"))
         )
+    tuned = save_boxes_config(BoxesConfig(margin_px=123.0), tmp_path / BOXES_CONFIG_NAME)
     with Tracker(TrackingConfig(store)) as tracker:
         parent = tracker.start_run("pipeline")
-        tracker.register_ensemble(parent, paths, "digilut-test-ensemble")
+        tracker.register_ensemble(parent, paths, "digilut-test-ensemble", extra_files=[tuned])
         tracker.end_run(parent)
         assert tracker.close(120)
     import mlflow.pyfunc
@@ -121,6 +126,10 @@ def test_ensemble_is_registered_and_predicts_like_the_folds(store: str, tmp_path
     pyfunc = mlflow.pyfunc.load_model(version.source)
     expected = Ensemble.load(paths, CPU).predict_batch(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(pyfunc.predict(images), expected, rtol=1e-5)
+    # the inference pipeline's fetch_models gets the tuned boxes config from the registry too
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    fetch_models_step(f"models:/digilut-test-ensemble/{version.version}", tmp_path / "fetched")
+    assert load_boxes_config(tmp_path / "fetched" / BOXES_CONFIG_NAME).margin_px == 123.0
 
 
 def test_a_refused_call_is_dropped_and_reported(store: str) -> None:
