@@ -120,7 +120,7 @@ def main(out: Path) -> None:
             ("digilut upload_file (s3transfer+Patience)", lambda c, p, k: upload_file(c, p, k)),
         ]
         if quick():
-            clients = clients[::2]
+            clients = [clients[0], clients[-1]]  # boto3 defaults and ours
         rows = [_run(name, fn, src, work, outage=False) for name, fn in clients]
         rows += [
             _run(f"{name} + outage", fn, src, work, outage=True, kill_at_s=kill_at_s, down_s=down_s)

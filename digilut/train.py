@@ -225,6 +225,9 @@ class _StopRequest:
         self.at = 0.0
 
 
+SIGTERM_ARMED = "SIGTERM now saves a checkpoint at the next batch boundary"
+
+
 @contextmanager
 def _sigterm_saves_state(enabled: bool) -> Iterator[_StopRequest]:
     """While training, SIGTERM (Kubernetes deleting the pod, ``kill``) requests a checkpoint at the
@@ -240,6 +243,7 @@ def _sigterm_saves_state(enabled: bool) -> Iterator[_StopRequest]:
         log.warning("SIGTERM: saving a checkpoint at the next batch boundary, then stopping")
 
     previous = signal.signal(signal.SIGTERM, on_term)
+    log.info(SIGTERM_ARMED)
     try:
         yield stop
     finally:

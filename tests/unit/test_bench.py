@@ -26,7 +26,7 @@ HEADERS = {
     "boxes": "mean_f2",
     "extract": "(a) digilut prepare",
     "extract_types": "(a) per CPU-second",
-    "storage": "digilut upload_file + outage",
+    "storage": "digilut upload_file (s3transfer+Patience) + outage",
     "train": "quality: held-out mean F2",
 }
 
