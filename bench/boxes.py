@@ -407,7 +407,7 @@ def main(out: Path) -> None:
         f"fit_miss_weight={best.fit_miss_weight}, tuning F2 {tuned.best_f2:.3f}; "
         f"on the other {len(b)}: {held['mean_f2']:.3f} (defaults {base['mean_f2']:.3f})"
     )
-    _print_realistic(realistic_table())
+    _print_realistic(realistic_table(slides))
     key = table[(table["grid"] == GRIDS[0].name) & (table["method"] == "hysteresis+fit")]
     key = key[key["layout"] == layouts[0]]
     for noise, goal_name in (("none", "clean"), ("5%+/20%-", "noisy")):
