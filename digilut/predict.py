@@ -17,15 +17,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.metrics import roc_auc_score
 
-from digilut.data import PatchDataset, make_loader, make_sampler, to_model_input
 from digilut.errors import ConfigError
-from digilut.model import LoadedModel, load_model
+
+if TYPE_CHECKING:  # torch is imported where it runs: the metrics below serve torch-free CPU steps
+    import torch
+
+    from digilut.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class PredictConfig:
 
 def amp_dtype(device: torch.device) -> torch.dtype:
     """Autocast dtype: bf16, or fp16 on a GPU without bf16 (then training needs a GradScaler)."""
+    import torch
+
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
@@ -72,6 +77,8 @@ class Ensemble:
         self.amp = amp and device.type == "cuda"
         self.channels_last = channels_last and device.type == "cuda"
         if self.channels_last:
+            import torch
+
             for m in self.models:
                 m.model.to(memory_format=torch.channels_last)
 
@@ -84,26 +91,32 @@ class Ensemble:
         amp: bool = True,
         channels_last: bool = True,
     ) -> Ensemble:
+        from digilut.model import load_model
+
         return cls([load_model(p, device) for p in paths], device, amp=amp, channels_last=channels_last)
 
     def __len__(self) -> int:
         return len(self.models)
 
-    @torch.inference_mode()
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Mean probability (float32, on the CPU) of uint8 ``B×H×W×3`` patches."""
-        inputs: dict[int, torch.Tensor] = {}  # one input per distinct model input size
-        total = torch.zeros(images.shape[0], device=self.device)
-        for m in self.models:
-            px = m.spec.input_px
-            if px not in inputs:
-                inputs[px] = to_model_input(
-                    images, self.device, input_px=px, channels_last=self.channels_last
-                )
-            with torch.autocast(self.device.type, dtype=amp_dtype(self.device), enabled=self.amp):
-                logits = m.model(inputs[px])
-            total += torch.sigmoid(logits.float())
-        return (total / len(self.models)).cpu()
+        import torch
+
+        from digilut.data import to_model_input
+
+        with torch.inference_mode():
+            inputs: dict[int, torch.Tensor] = {}  # one input per distinct model input size
+            total = torch.zeros(images.shape[0], device=self.device)
+            for m in self.models:
+                px = m.spec.input_px
+                if px not in inputs:
+                    inputs[px] = to_model_input(
+                        images, self.device, input_px=px, channels_last=self.channels_last
+                    )
+                with torch.autocast(self.device.type, dtype=amp_dtype(self.device), enabled=self.amp):
+                    logits = m.model(inputs[px])
+                total += torch.sigmoid(logits.float())
+            return (total / len(self.models)).cpu()
 
 
 def predict_patches(
@@ -114,6 +127,8 @@ def predict_patches(
     device: torch.device,
 ) -> pd.DataFrame:
     """``rows`` (manifest rows; shards relative to ``root``) with ``prob``: the ensemble's mean."""
+    from digilut.data import PatchDataset, make_loader, make_sampler
+
     ensemble = Ensemble.load(model_files, device, amp=cfg.amp, channels_last=cfg.channels_last)
     out = rows.reset_index(drop=True).copy()
     probs = np.full(len(out), np.nan, np.float32)

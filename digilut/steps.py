@@ -27,9 +27,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
-import torch
 
 from digilut.annotations import check_slide_sizes
 from digilut.boxes import BoxesConfig
@@ -43,8 +43,10 @@ from digilut.report import RunFigures, write_report
 from digilut.shards import atomic_write
 from digilut.split import SplitConfig, split_dataset
 from digilut.tracking import Tracker, TrackingConfig
-from digilut.train import FoldResult, fold_data_digest, fold_rows, train_fold
-from digilut.train_config import TrainConfig
+from digilut.train_config import FoldResult, TrainConfig
+
+if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
+    import torch
 
 log = logging.getLogger(__name__)
 PREDICTIONS_NAME = "predictions.parquet"
@@ -52,6 +54,8 @@ PREDICTIONS_NAME = "predictions.parquet"
 
 def pick_device() -> torch.device:
     """The device for training/prediction, chosen once per step: CUDA when present, else CPU."""
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -190,6 +194,8 @@ def checkpoint_location(checkpoint_uri: str, manifest: Path, fold: int, cfg: Tra
     """Where fold ``fold`` keeps its checkpoints under ``checkpoint_uri`` (a folder or ``s3://``
     prefix): ``fold<k>-<key>``, the key hashing the fold's rows and the training settings — so a
     re-run of the same pipeline (a new pod, a new run) finds it, and another dataset or config does not."""
+    from digilut.train import fold_data_digest, fold_rows
+
     data = fold_rows(read_manifest(manifest), fold, cfg)
     key = hashlib.sha256(
         (fold_data_digest(data) + json.dumps(cfg.fingerprint(), sort_keys=True)).encode()
@@ -231,6 +237,8 @@ def train_step(
     resumes on the next run's pod, and a finished fold is reused (Argo ignores ``set_retry``
     inside a ``ParallelFor``, so recovery comes from here, not from retries).
     """
+    from digilut.train import train_fold
+
     device = pick_device()
     manifest = split / MANIFEST_NAME
     on_checkpoint = None
