@@ -6,6 +6,12 @@ The same compiled components that run in pods run here as subprocesses
 collects the results into ``OUT``: ``boxes.csv`` (``filename,x1,x2,y1,y2,score``),
 ``metrics.json``, ``report.html`` and the pictures; ``run_inference_local`` writes
 ``OUT/submission.csv`` (``trustii_id,filename,y1,y2,x1,x2``) and ``OUT/boxes.csv``.
+
+``runner="docker"`` runs every component in the image its decorator names instead
+(``kfp.local.DockerRunner``; ``make image-test``): as the images' user 10001, on the host's network
+(the containers reach S3 and MLflow servers on loopback), with the ``DIGILUT_*``, ``AWS_*`` and
+``MLFLOW_*`` variables of this process. Only the pipeline root is mounted into the containers, so
+data, results and models are ``s3://`` or ``models:/`` URIs there.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ _TASK = re.compile(rf"(?P<what>Executing task|Task) {_NAME}(?: finished with sta
 _STATUS = re.compile(rf"status {_ANSI}(?P<status>[A-Z]+)")
 _STEPS = r"\[\d+/\d+\]|prepare:|merge:|labels:|split:|fold \d+|epoch|predict:|evaluate:|ingest|report:"
 _PROGRESS = re.compile(rf"INFO\]: (?:{_STEPS})")  # our log lines, as the KFP executor prints them
+RUNNERS = ("subprocess", "docker")
+CONTAINER_USER = "10001:10001"  # the images' user (images/*/Dockerfile)
+CONTAINER_ENV_PREFIXES = ("DIGILUT_", "AWS_", "MLFLOW_")  # what the components read from the environment
 
 
 class PipelineRunError(DigilutError, RuntimeError):
@@ -59,11 +68,34 @@ def _child(args: dict[str, Any]) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     local.init(
-        runner=local.SubprocessRunner(use_venv=False),
+        runner=kfp_runner(args.pop("runner", "subprocess")),
         pipeline_root=args.pop("pipeline_root"),
         raise_on_error=True,
     )
     pipeline_functions()[args.pop("pipeline")](**args)
+
+
+def kfp_runner(kind: str) -> Any:
+    """The ``kfp.local`` runner: ``subprocess`` (this venv) or ``docker`` (each component's image)."""
+    from kfp import local
+
+    if kind == "subprocess":
+        return local.SubprocessRunner(use_venv=False)
+    if kind == "docker":
+        env = {k: v for k, v in os.environ.items() if k.startswith(CONTAINER_ENV_PREFIXES)}
+        return local.DockerRunner(network_mode="host", user=CONTAINER_USER, environment=env)
+    raise DigilutError(f"runner={kind!r}: use one of {', '.join(RUNNERS)}")
+
+
+def _pipeline_root(out: Path, runner: str) -> str:
+    """``OUT/kfp-root``; for containers writable by their user, who writes the task outputs there."""
+    if runner not in RUNNERS:
+        raise DigilutError(f"runner={runner!r}: use one of {', '.join(RUNNERS)}")
+    root = out / "kfp-root"
+    root.mkdir(exist_ok=True)
+    if runner == "docker":
+        root.chmod(0o1777)
+    return str(root)
 
 
 def run_local(
@@ -73,6 +105,7 @@ def run_local(
     profile: str = "demo",
     results_uri: str | None = None,
     echo: bool = True,
+    runner: str = "subprocess",
     **overrides: Any,
 ) -> RunResult:
     """Run the training pipeline on ``data_uri`` (folder or ``s3://`` prefix); results go to ``out_dir``.
@@ -89,7 +122,8 @@ def run_local(
     args = {
         "data_uri": _local_or_s3(data_uri),
         "results_uri": results_uri or str(results),
-        "pipeline_root": str(out / "kfp-root"),
+        "pipeline_root": _pipeline_root(out, runner),
+        "runner": runner,
         **params,
     }
     seconds = _run_child({"pipeline": "training", **args}, out, echo)
@@ -105,6 +139,7 @@ def run_inference_local(
     *,
     results_uri: str | None = None,
     echo: bool = True,
+    runner: str = "subprocess",
     **params: Any,
 ) -> Path:
     """Run the inference pipeline on ``data_uri`` (folder or ``s3://`` prefix with ``images/`` and
@@ -120,7 +155,8 @@ def run_inference_local(
         "data_uri": _local_or_s3(data_uri),
         "model_uri": model_uri if ":" in model_uri else str(Path(model_uri).resolve()),
         "results_uri": results_uri or str(results),
-        "pipeline_root": str(out / "kfp-root"),
+        "pipeline_root": _pipeline_root(out, runner),
+        "runner": runner,
         **params,
     }
     _run_child(args, out, echo)
