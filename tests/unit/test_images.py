@@ -354,3 +354,27 @@ def test_download_imagenet_weights_keeps_cached_checkpoints(tmp_path: Path) -> N
     paths = images.download_imagenet_weights(tmp_path, ["resnet18"])
     assert paths == [ckpt / name]
     assert (ckpt / name).stat().st_mtime_ns == before
+
+
+# --- kfp.local's DockerRunner (make image-test) ---------------------------------------------------
+
+
+def test_docker_runner_runs_as_the_images_user_on_the_host_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    from digilut.runner import kfp_runner
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv("HOME_OF_SOMETHING_ELSE", "x")
+    args = kfp_runner("docker").container_run_args
+    assert args["user"] == "10001:10001" and args["network_mode"] == "host"
+    assert args["environment"]["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+    assert args["environment"]["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+    assert "HOME_OF_SOMETHING_ELSE" not in args["environment"] and "PATH" not in args["environment"]
+
+
+def test_unknown_runner_is_refused_naming_the_choices(tmp_path: Path) -> None:
+    from digilut.errors import DigilutError
+    from digilut.runner import run_local
+
+    with pytest.raises(DigilutError, match="runner='podman': use one of subprocess, docker"):
+        run_local(str(tmp_path), tmp_path / "out", runner="podman", echo=False)
