@@ -231,6 +231,8 @@ def runs(s3_server, mlflow_server, tmp_path_factory):
         )
     finally:
         mp.undo()
+    # seen with make image-test PYTEST_ARGS=-s
+    print(", ".join(f"{k} training run {r.seconds:.0f} s" for k, r in out.items()))
     yield out, sub, data
     shutil.rmtree(tmp, ignore_errors=True)
 
