@@ -142,7 +142,7 @@ def test_train_image_torch_reports_its_cuda_version() -> None:
     import torch  # the venv has the same CUDA build, pinned by the same requirements
 
     out = _run_in("train", "import torch, fast; print(torch.__version__, torch.version.cuda)")
-    version, cuda = out.split()
+    version, cuda = out.splitlines()[-1].split()  # pyFAST prints a banner to stdout first
     assert cuda == torch.version.cuda and cuda.startswith("13.")
     assert version.split("+")[0] == torch.__version__.split("+")[0]
 
