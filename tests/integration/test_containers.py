@@ -192,7 +192,8 @@ def runs(s3_server, mlflow_server, tmp_path_factory):
     containers with the ensemble the container run registered."""
     tmp = tmp_path_factory.mktemp("containers")
     data = tmp / "data"
-    synth_dataset(data, SynthConfig(patients=4, seed=3, size="tiny", positive_fraction=0.85))
+    # the e2e test's data: 4 patients left a fold without lesion-free patients
+    synth_dataset(data, SynthConfig(patients=6, seed=2, size="tiny", positive_fraction=0.85))
     cfg = s3_server.config()
     upload_dir(cfg, data, "containers/data")
     mp = pytest.MonkeyPatch()
