@@ -22,6 +22,7 @@ import pytest
 from digilut.images import image
 from digilut.manifest import read_manifest
 from digilut.runner import CONTAINER_USER, run_inference_local, run_local
+from digilut.slide import read_slide_info
 from digilut.storage import upload_dir, upload_file
 from digilut.synth import SynthConfig, synth_dataset
 
@@ -214,7 +215,10 @@ def runs(s3_server, mlflow_server, tmp_path_factory):
                 register_model=f"digilut-{runner}-ensemble",
             )
         slides = sorted((data / "images").iterdir())[:2]
-        rows = [(s.name, 1000, 1000, 200 + i) for i, s in enumerate(slides)]
+        rows = []
+        for i, s in enumerate(slides):
+            info = read_slide_info(s)  # test.csv's max_x/max_y are the slide's size: boxes are clipped to it
+            rows.append((s.name, info.width, info.height, 200 + i))
         test_csv = tmp / "test.csv"
         pd.DataFrame(rows, columns=["filename", "max_x", "max_y", "trustii_id"]).to_csv(test_csv, index=False)
         for s in slides:
