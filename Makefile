@@ -19,7 +19,7 @@ TAG ?= $(or $(DIGILUT_TAG),$(shell git rev-parse --short=12 HEAD 2>/dev/null || 
 export DIGILUT_REGISTRY := $(REGISTRY)
 export DIGILUT_TAG := $(TAG)
 
-.PHONY: help install reference-data apt test lint format bench gpu-check demo compile images push submit clean print-images manifests-images lock docker-engine check-tag
+.PHONY: help install reference-data apt test lint format bench gpu-check demo compile images image-base image-train base-image-local image-test push submit clean print-images manifests-images lock docker-engine check-tag
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -68,14 +68,23 @@ IMAGE_TRAIN := $(REGISTRY)/digilut-train:$(TAG)
 MUTABLE_TAGS := latest stable main master nightly edge
 DOCKER ?= docker
 BAKE_WEIGHTS ?= 1
-TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# PYTHON_IMAGE: the Dockerfiles' base (empty: their digest-pinned python:3.11.15-slim-bookworm);
+# `make base-image-local` builds LOCAL_PYTHON_IMAGE from Debian packages where no registry is reachable.
+PYTHON_IMAGE ?=
+LOCAL_PYTHON_IMAGE ?= digilut-python:3.11-bookworm-local
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+# PIP_CA_BUNDLE: a CA bundle pip and apt trust inside the build (TLS-intercepting proxy), passed as the
+# BuildKit secret `ca`, never a layer. BUILD_NETWORK=host: builds use the host's network (a dockerd
+# started with --bridge=none has no other).
+PIP_CA_BUNDLE ?=
+BUILD_NETWORK ?=
 IMAGES_COMPONENT ?= manifests/images/kustomization.yaml
 IMAGE_VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
 IMAGE_ARGS = --platform linux/amd64 \
 	--build-arg VERSION=$(IMAGE_VERSION) \
 	--build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
 	--build-arg CREATED=$$(git log -1 --format=%cI 2>/dev/null || echo 1970-01-01T00:00:00Z) \
-	--build-arg SOURCE=$$(git remote get-url origin 2>/dev/null | sed 's#//[^/@]*@#//#' || echo unknown)
+	--build-arg SOURCE=$$(git remote get-url origin 2>/dev/null | sed 's|//[^/@]*@|//|' | grep . || echo unknown)
 
 check-tag:
 	@tag='$(TAG)'; for m in $(MUTABLE_TAGS); do \
@@ -90,11 +99,36 @@ print-images: check-tag ## Print the two image references (REGISTRY/digilut-{bas
 	@echo $(IMAGE_BASE)
 	@echo $(IMAGE_TRAIN)
 
-images: check-tag docker-engine ## Build digilut-base (CPU) and digilut-train (GPU) for linux/amd64; BAKE_WEIGHTS=0 skips the ImageNet weights
-	@if $(DOCKER) buildx version >/dev/null 2>&1; then build="$(DOCKER) buildx build --load"; else build="$(DOCKER) build"; fi; \
-	set -ex; \
-	$$build $(IMAGE_ARGS) --build-arg TORCH_CPU_INDEX=$(TORCH_CPU_INDEX) -f images/base/Dockerfile -t $(IMAGE_BASE) . ; \
-	$$build $(IMAGE_ARGS) --build-arg BAKE_IMAGENET_WEIGHTS=$(BAKE_WEIGHTS) -f images/train/Dockerfile -t $(IMAGE_TRAIN) .
+BUILD_FLAGS = $(IMAGE_ARGS) $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) \
+	$(if $(PIP_CA_BUNDLE),--secret id=ca$(comma)src=$(abspath $(PIP_CA_BUNDLE))) $(if $(BUILD_NETWORK),--network $(BUILD_NETWORK))
+comma := ,
+# BuildKit (RUN --mount=type=secret): buildx where installed, else the classic client with DOCKER_BUILDKIT=1.
+BUILD = if $(DOCKER) buildx version >/dev/null 2>&1; then build="$(DOCKER) buildx build --load"; else build="$(DOCKER) build"; fi; \
+	if [ -n "$(PIP_CA_BUNDLE)" ] && [ ! -s "$(PIP_CA_BUNDLE)" ]; then echo "make: PIP_CA_BUNDLE=$(PIP_CA_BUNDLE) is not a readable, non-empty file" >&2; exit 1; fi; \
+	set -x; DOCKER_BUILDKIT=1 $$build $(BUILD_FLAGS)
+
+images: image-base image-train ## Build digilut-base (CPU) and digilut-train (GPU) for linux/amd64 [PYTHON_IMAGE=… PIP_CA_BUNDLE=… BUILD_NETWORK=host BAKE_WEIGHTS=0]
+
+image-base: check-tag docker-engine ## Build digilut-base only (the CPU steps, no torch)
+	@$(BUILD) -f images/base/Dockerfile -t $(IMAGE_BASE) .
+
+image-train: check-tag docker-engine ## Build digilut-train only (torch CUDA build; BAKE_WEIGHTS=0 skips the ImageNet weights)
+	@$(BUILD) --build-arg BAKE_IMAGENET_WEIGHTS=$(BAKE_WEIGHTS) -f images/train/Dockerfile -t $(IMAGE_TRAIN) .
+
+# image-test hands the build a copy of the CA bundle (PIP_CA_BUNDLE, else pip's configured `cert`, else
+# Debian's) with this line added; tests/integration/test_containers.py looks for it in every layer.
+CA_MARKER := digilut-image-test-ca-marker-7d2f9c41e08b
+IMAGE_TEST_CA ?= $(or $(PIP_CA_BUNDLE),$(shell $(PY) -m pip config get global.cert 2>/dev/null),/etc/ssl/certs/ca-certificates.crt)
+
+image-test: install docker-engine ## Build both images (layer cache reused), check them, run both pipelines with every component in its image (kfp.local DockerRunner)
+	@ca=$$(mktemp /tmp/digilut-ca.XXXXXX); trap 'rm -f "$$ca"' EXIT; \
+	cat "$(IMAGE_TEST_CA)" > "$$ca" && printf '\n# %s\n' '$(CA_MARKER)' >> "$$ca" && \
+	$(MAKE) --no-print-directory images PIP_CA_BUNDLE="$$ca" && \
+	DIGILUT_IMAGE_TEST=1 DIGILUT_CA_MARKER='$(CA_MARKER)' DOCKER='$(DOCKER)' \
+	  $(PY) -m pytest tests/integration/test_containers.py -p no:cacheprovider $(PYTEST_ARGS)
+
+base-image-local: docker-engine ## Build LOCAL_PYTHON_IMAGE (Python 3.11, bookworm) with debootstrap, for machines without a registry (root)
+	DOCKER=$(DOCKER) images/local/build-base.sh $(LOCAL_PYTHON_IMAGE) $(DEBIAN_MIRROR)
 
 push: images ## Push both images to REGISTRY and point manifests/images at this TAG
 	$(DOCKER) push $(IMAGE_BASE)

@@ -17,15 +17,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.metrics import precision_recall_curve, precision_recall_fscore_support, roc_auc_score
 
-from digilut.data import PatchDataset, make_loader, make_sampler, to_model_input
 from digilut.errors import ConfigError
-from digilut.model import LoadedModel, load_model
+
+if TYPE_CHECKING:  # torch is imported where it runs: the metrics below serve torch-free CPU steps
+    import torch
+
+    from digilut.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class PredictConfig:
 
 def amp_dtype(device: torch.device) -> torch.dtype:
     """Autocast dtype: bf16, or fp16 on a GPU without bf16 (then training needs a GradScaler)."""
+    import torch
+
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
@@ -72,6 +77,8 @@ class Ensemble:
         self.amp = amp and device.type == "cuda"
         self.channels_last = channels_last and device.type == "cuda"
         if self.channels_last:
+            import torch
+
             for m in self.models:
                 m.model.to(memory_format=torch.channels_last)
 
@@ -84,6 +91,8 @@ class Ensemble:
         amp: bool = True,
         channels_last: bool = True,
     ) -> Ensemble:
+        from digilut.model import load_model
+
         return cls([load_model(p, device) for p in paths], device, amp=amp, channels_last=channels_last)
 
     def __len__(self) -> int:
@@ -94,29 +103,35 @@ class Ensemble:
         """Whether a model was trained on stain-normalised patches (then give ``stain`` to predict)."""
         return any(m.spec.stain_norm != "none" for m in self.models)
 
-    @torch.inference_mode()
     def predict_batch(self, images: torch.Tensor, stain: torch.Tensor | None = None) -> torch.Tensor:
         """Mean probability (float32, on the CPU) of uint8 ``B×H×W×3`` patches; ``stain``: the
         patches' slide stain statistics (``B×2×3``, :mod:`digilut.stain`), needed by
         :attr:`needs_stain`."""
-        inputs: dict[tuple[int, str], torch.Tensor] = {}  # one input per model input size and stain
-        total = torch.zeros(images.shape[0], device=self.device)
-        for m in self.models:
-            key = (m.spec.input_px, m.spec.stain_norm)
-            if key not in inputs:
-                if m.spec.stain_norm != "none" and stain is None:
-                    raise ConfigError(f"{m.path}: trained with stain_norm={m.spec.stain_norm}: pass stain")
-                inputs[key] = to_model_input(
-                    images,
-                    self.device,
-                    input_px=m.spec.input_px,
-                    channels_last=self.channels_last,
-                    stain=stain if m.spec.stain_norm != "none" else None,
-                )
-            with torch.autocast(self.device.type, dtype=amp_dtype(self.device), enabled=self.amp):
-                logits = m.model(inputs[key])
-            total += torch.sigmoid(logits.float())
-        return (total / len(self.models)).cpu()
+        import torch
+
+        from digilut.data import to_model_input
+
+        with torch.inference_mode():
+            inputs: dict[tuple[int, str], torch.Tensor] = {}  # one input per model input size and stain
+            total = torch.zeros(images.shape[0], device=self.device)
+            for m in self.models:
+                key = (m.spec.input_px, m.spec.stain_norm)
+                if key not in inputs:
+                    if m.spec.stain_norm != "none" and stain is None:
+                        raise ConfigError(
+                            f"{m.path}: trained with stain_norm={m.spec.stain_norm}: pass stain"
+                        )
+                    inputs[key] = to_model_input(
+                        images,
+                        self.device,
+                        input_px=m.spec.input_px,
+                        channels_last=self.channels_last,
+                        stain=stain if m.spec.stain_norm != "none" else None,
+                    )
+                with torch.autocast(self.device.type, dtype=amp_dtype(self.device), enabled=self.amp):
+                    logits = m.model(inputs[key])
+                total += torch.sigmoid(logits.float())
+            return (total / len(self.models)).cpu()
 
 
 def predict_patches(
@@ -127,6 +142,8 @@ def predict_patches(
     device: torch.device,
 ) -> pd.DataFrame:
     """``rows`` (manifest rows; shards relative to ``root``) with ``prob``: the ensemble's mean."""
+    from digilut.data import PatchDataset, make_loader, make_sampler
+
     ensemble = Ensemble.load(model_files, device, amp=cfg.amp, channels_last=cfg.channels_last)
     out = rows.reset_index(drop=True).copy()
     probs = np.full(len(out), np.nan, np.float32)

@@ -13,6 +13,12 @@ artifacts are unchanged reuses its earlier outputs in ``OUT/kfp-root``; ``cache=
 task. The cache lives in ``OUT/kfp-root/.kfp-cache/<code>``, ``<code>`` hashing the source of
 ``digilut``, ``components`` and ``pipelines``: kfp.local's key holds the component's own source and
 its image name, not the library code the component calls (on the cluster the image tag does that).
+
+``runner="docker"`` runs every component in the image its decorator names instead
+(``kfp.local.DockerRunner``; ``make image-test``): as the images' user 10001, on the host's network
+(the containers reach S3 and MLflow servers on loopback), with the ``DIGILUT_*``, ``AWS_*`` and
+``MLFLOW_*`` variables of this process. Only the pipeline root is mounted into the containers, so
+data, results and models are ``s3://`` or ``models:/`` URIs there.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ _STEPS = r"\[\d+/\d+\]|prepare:|merge:|labels:|split:|fold \d+|epoch|predict:|ev
 _PROGRESS = re.compile(rf"INFO\]: (?:{_STEPS})")  # our log lines, as the KFP executor prints them
 _CACHED = re.compile(rf"Task {_NAME} cache hit")
 _CODE_DIRS = ("digilut", "components", "pipelines")
+RUNNERS = ("subprocess", "docker")
+CONTAINER_USER = "10001:10001"  # the images' user (images/*/Dockerfile)
+CONTAINER_ENV_PREFIXES = ("DIGILUT_", "AWS_", "MLFLOW_")  # what the components read from the environment
 
 
 class PipelineRunError(DigilutError, RuntimeError):
@@ -70,13 +79,36 @@ def _child(args: dict[str, Any]) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     local.init(
-        runner=local.SubprocessRunner(use_venv=False),
+        runner=kfp_runner(args.pop("runner", "subprocess")),
         pipeline_root=args.pop("pipeline_root"),
         raise_on_error=True,
         enable_caching=args.pop("enable_caching"),
         cache_root=args.pop("cache_root"),
     )
     pipeline_functions()[args.pop("pipeline")](**args)
+
+
+def kfp_runner(kind: str) -> Any:
+    """The ``kfp.local`` runner: ``subprocess`` (this venv) or ``docker`` (each component's image)."""
+    from kfp import local
+
+    if kind == "subprocess":
+        return local.SubprocessRunner(use_venv=False)
+    if kind == "docker":
+        env = {k: v for k, v in os.environ.items() if k.startswith(CONTAINER_ENV_PREFIXES)}
+        return local.DockerRunner(network_mode="host", user=CONTAINER_USER, environment=env)
+    raise DigilutError(f"runner={kind!r}: use one of {', '.join(RUNNERS)}")
+
+
+def _pipeline_root(out: Path, runner: str) -> str:
+    """``OUT/kfp-root``; for containers writable by their user, who writes the task outputs there."""
+    if runner not in RUNNERS:
+        raise DigilutError(f"runner={runner!r}: use one of {', '.join(RUNNERS)}")
+    root = out / "kfp-root"
+    root.mkdir(exist_ok=True)
+    if runner == "docker":
+        root.chmod(0o1777)
+    return str(root)
 
 
 def run_local(
@@ -87,6 +119,7 @@ def run_local(
     results_uri: str | None = None,
     echo: bool = True,
     cache: bool = True,
+    runner: str = "subprocess",
     **overrides: Any,
 ) -> RunResult:
     """Run the training pipeline on ``data_uri`` (folder or ``s3://`` prefix); results go to ``out_dir``.
@@ -104,7 +137,8 @@ def run_local(
     args = {
         "data_uri": _local_or_s3(data_uri),
         "results_uri": results_uri or str(results),
-        **cache_settings(out, cache),
+        **cache_settings(out, cache, runner),
+        "runner": runner,
         **params,
     }
     seconds, cached = _run_child({"pipeline": "training", **args}, out, echo)
@@ -123,6 +157,7 @@ def run_inference_local(
     results_uri: str | None = None,
     echo: bool = True,
     cache: bool = True,
+    runner: str = "subprocess",
     **params: Any,
 ) -> Path:
     """Run the inference pipeline on ``data_uri`` (folder or ``s3://`` prefix with ``images/`` and
@@ -138,7 +173,8 @@ def run_inference_local(
         "data_uri": _local_or_s3(data_uri),
         "model_uri": model_uri if ":" in model_uri else str(Path(model_uri).resolve()),
         "results_uri": results_uri or str(results),
-        **cache_settings(out, cache),
+        **cache_settings(out, cache, runner),
+        "runner": runner,
         **params,
     }
     _run_child(args, out, echo)
@@ -156,9 +192,9 @@ def code_fingerprint(root: Path = Path(__file__).resolve().parents[1]) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_settings(out: Path, cache: bool) -> dict[str, Any]:
+def cache_settings(out: Path, cache: bool, runner: str = "subprocess") -> dict[str, Any]:
     """``pipeline_root`` and the ``kfp.local.init`` caching arguments of a run into ``out``."""
-    root = out / "kfp-root"
+    root = Path(_pipeline_root(out, runner))
     return {
         "pipeline_root": str(root),
         "enable_caching": cache,

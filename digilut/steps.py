@@ -35,10 +35,9 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
 
 from digilut.annotations import check_slide_name, check_slide_sizes
 from digilut.boxes import BOXES_CONFIG_NAME, BoxesConfig, load_boxes_config, save_boxes_config
@@ -67,14 +66,15 @@ from digilut.manifest import (
     write_manifest,
     write_shard_store,
 )
-from digilut.model import select_device
 from digilut.predict import PredictConfig, predict_patches
 from digilut.report import RunFigures, write_report
 from digilut.shards import atomic_write, publish_shard, shard_name
 from digilut.split import SplitConfig, split_dataset
 from digilut.tracking import Tracker, TrackingConfig
-from digilut.train import FoldResult, fold_data_digest, fold_rows, train_fold
-from digilut.train_config import TrainConfig
+from digilut.train_config import FoldResult, TrainConfig
+
+if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
+    import torch
 
 log = logging.getLogger(__name__)
 PREDICTIONS_NAME = "predictions.parquet"
@@ -83,6 +83,8 @@ PREDICTIONS_NAME = "predictions.parquet"
 def pick_device() -> torch.device:
     """The device for training/prediction, chosen once per step: CUDA when present, else CPU; a
     task the pipeline put on a GPU (``DIGILUT_REQUIRE_GPU=1``) fails here when CUDA is missing."""
+    from digilut.model import select_device
+
     return select_device("auto")
 
 
@@ -296,6 +298,8 @@ def checkpoint_location(checkpoint_uri: str, manifest: Path, fold: int, cfg: Tra
     """Where fold ``fold`` keeps its checkpoints under ``checkpoint_uri`` (a folder or ``s3://``
     prefix): ``fold<k>-<key>``, the key hashing the fold's rows and the training settings — so a
     re-run of the same pipeline (a new pod, a new run) finds it, and another dataset or config does not."""
+    from digilut.train import fold_data_digest, fold_rows
+
     data = fold_rows(read_manifest(manifest), fold, cfg)
     key = hashlib.sha256(
         (fold_data_digest(data) + json.dumps(cfg.fingerprint(), sort_keys=True)).encode()
@@ -337,6 +341,8 @@ def train_step(
     resumes on the next run's pod, and a finished fold is reused (Argo ignores ``set_retry``
     inside a ``ParallelFor``, so recovery comes from here, not from retries).
     """
+    from digilut.train import train_fold
+
     device = pick_device()
     manifest = split / MANIFEST_NAME
     on_checkpoint = None

@@ -20,7 +20,6 @@ RNG state is checkpointed). AMP (bf16) and channels-last are used on CUDA.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -51,7 +50,7 @@ from digilut.model import BackboneInit, PatchClassifier, build_model, save_model
 from digilut.predict import amp_dtype, safe_auroc
 from digilut.shards import atomic_write, file_sha256
 from digilut.tracking import RunHandle, Tracker, TrackingConfig
-from digilut.train_config import TrainConfig
+from digilut.train_config import FoldResult, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,47 +58,6 @@ STATE_FORMAT = "digilut-train-state/1"
 # Columns that decide what a fold trains on: a changed manifest (other patches, labels, split) means
 # the saved state belongs to other data and the fold is retrained.
 _DATA_COLUMNS = ("slide", "x0", "y0", "w0", "h0", "shard", "offset", "nbytes", "label", "fold", "sampled")
-
-
-@dataclass
-class FoldResult:
-    """What a fold's training produced (``result.json``); file names are relative to its folder."""
-
-    fold: int
-    best_epoch: int
-    best_val_auroc: float
-    best_val_loss: float
-    epochs_run: int
-    finished: bool
-    stopped_early: bool
-    train_patches: int
-    val_patches: int
-    val_positives: int
-    seconds: float
-    device: str
-    mlflow_run_id: str | None
-    config: dict[str, Any]
-    history: list[dict[str, float]]
-    model_file: str = "model.pt"
-    oof_file: str = "oof.parquet"
-    model_sha256: str = ""  # a re-run reuses the fold only when model.pt still has this content
-    data_sha256: str = ""  # hash of the fold's training and validation rows
-    patch_bytes_fetched: int = 0  # bytes of shards read (this run), ranged GETs when they are in S3
-    patch_requests: int = 0  # reads (GETs) that fetched them
-    patch_local_hits: int = 0  # patches read again from the local copy instead
-    init: dict[str, Any] = dataclasses.field(default_factory=dict)  # BackboneInit.to_dict(): weights used
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        atomic_write(path, [json.dumps(dataclasses.asdict(self), indent=2, allow_nan=True).encode()])
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> FoldResult:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "result.json"
-        return cls(**json.loads(path.read_text()))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ nothing heavy (the command line starts fast); :mod:`digilut.model`, :mod:`digilu
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from digilut.errors import ConfigError
@@ -151,3 +153,46 @@ class TrainConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUNTIME_FIELDS}
+
+
+@dataclass
+class FoldResult:
+    """What a fold's training produced (``result.json``); file names are relative to its folder."""
+
+    fold: int
+    best_epoch: int
+    best_val_auroc: float
+    best_val_loss: float
+    epochs_run: int
+    finished: bool
+    stopped_early: bool
+    train_patches: int
+    val_patches: int
+    val_positives: int
+    seconds: float
+    device: str
+    mlflow_run_id: str | None
+    config: dict[str, Any]
+    history: list[dict[str, float]]
+    model_file: str = "model.pt"
+    oof_file: str = "oof.parquet"
+    model_sha256: str = ""  # a re-run reuses the fold only when model.pt still has this content
+    data_sha256: str = ""  # hash of the fold's training and validation rows
+    patch_bytes_fetched: int = 0  # bytes of shards read (this run), ranged GETs when they are in S3
+    patch_requests: int = 0  # reads (GETs) that fetched them
+    patch_local_hits: int = 0  # patches read again from the local copy instead
+    init: dict[str, Any] = dataclasses.field(default_factory=dict)  # BackboneInit.to_dict(): weights used
+
+    def save(self, path: str | Path) -> Path:
+        from digilut.shards import atomic_write
+
+        path = Path(path)
+        atomic_write(path, [json.dumps(dataclasses.asdict(self), indent=2, allow_nan=True).encode()])
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> FoldResult:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "result.json"
+        return cls(**json.loads(path.read_text()))

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -255,15 +256,84 @@ def test_committed_base_lock_is_the_train_lock_without_gpu_packages() -> None:
     assert any(n.startswith("nvidia-") for n in train)
 
 
-def test_build_lock_and_cpu_torch_agree_with_the_train_lock() -> None:
+def test_build_lock_is_the_train_lock_setuptools() -> None:
     train = read_lock(LOCKS / "requirements-train.lock")
     assert read_lock(LOCKS / "requirements-build.lock") == {"setuptools": train["setuptools"]}
-    cpu = [
-        line.strip()
-        for line in (LOCKS / "torch-cpu.txt").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    assert cpu == [f"torch=={train['torch'][0]}+cpu", f"torchvision=={train['torchvision'][0]}+cpu"]
+
+
+# --- the torch-free base image --------------------------------------------------------------------
+
+# What runs in digilut-base: the CPU components and the modules their steps use (and the CLI).
+CPU_MODULES = (
+    "components.data",
+    "components.inference",
+    "components.model",
+    "digilut.cli",
+    "digilut.steps",
+    "digilut.evaluate",
+    "digilut.report",
+    "digilut.tracking",
+    "digilut.train_config",
+)
+
+
+def test_cpu_steps_import_no_torch() -> None:
+    """digilut-base has no torch: nothing a CPU step imports may pull it in (train/predict import it
+    inside the GPU steps)."""
+    script = (
+        f"import sys, {', '.join(CPU_MODULES)}\n"
+        "from digilut.steps import evaluate_step, ingest_step, merge_step, split_step, FoldResult\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_dockerfiles_need_only_python3_on_path() -> None:
+    """The same Dockerfiles build on python:3.11-slim (/usr/local/bin) and on the debootstrap base
+    (/usr/bin): the venv is made with python3, and no path to an interpreter is written down."""
+    for kind in ("base", "train"):
+        text = (ROOT / "images" / kind / "Dockerfile").read_text()
+        assert "python3 -m venv /opt/venv" in text
+        assert not re.search(r"/usr/(local/)?bin/python", text), kind
+
+
+def test_every_download_step_takes_the_ca_secret_and_never_copies_it() -> None:
+    for kind in ("base", "train"):
+        text = (ROOT / "images" / kind / "Dockerfile").read_text()
+        runs = re.findall(r"^RUN (.*?)(?<!\\)\n", text, re.M | re.S)
+        downloads = [r for r in runs if "-r /tmp/req/" in r or "apt-get update" in r or "weights" in r]
+        assert len(downloads) >= 2, kind
+        for run in downloads:
+            assert run.startswith("--mount=type=secret,id=ca "), run[:80]
+        assert not re.search(r"(cp|cat|COPY|ADD)\b[^\n]*secrets/ca", text), kind
+
+
+@needs_make
+def test_make_images_hands_python_image_ca_bundle_and_network_to_the_build(tmp_path: Path) -> None:
+    ca = tmp_path / "proxy-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    proc = _make(
+        "-n",
+        "images",
+        "TAG=v1",
+        "DOCKER=docker",
+        "PYTHON_IMAGE=digilut-python:local",
+        f"PIP_CA_BUNDLE={ca}",
+        "BUILD_NETWORK=host",
+        env=_clean_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    builds = [line for line in proc.stdout.splitlines() if "-f images/" in line]
+    assert len(builds) == 2
+    for line in builds:
+        assert "DOCKER_BUILDKIT=1" in line
+        assert "--build-arg PYTHON_IMAGE=digilut-python:local" in line
+        assert f"--secret id=ca,src={ca}" in line and "--network host" in line
+        assert not re.search(rf"--build-arg \S*{re.escape(str(ca))}", line)  # a secret, not an arg
+    plain = _make("-n", "images", "TAG=v1", "DOCKER=docker", env=_clean_env()).stdout
+    assert "PYTHON_IMAGE" not in plain and "--secret" not in plain and "--network" not in plain
 
 
 # --- ImageNet weights baked into the train image ------------------------------------------------
@@ -289,3 +359,27 @@ def test_download_imagenet_weights_keeps_cached_checkpoints(tmp_path: Path) -> N
     paths = images.download_imagenet_weights(tmp_path, ["resnet18"])
     assert paths == [ckpt / name]
     assert (ckpt / name).stat().st_mtime_ns == before
+
+
+# --- kfp.local's DockerRunner (make image-test) ---------------------------------------------------
+
+
+def test_docker_runner_runs_as_the_images_user_on_the_host_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    from digilut.runner import kfp_runner
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv("HOME_OF_SOMETHING_ELSE", "x")
+    args = kfp_runner("docker").container_run_args
+    assert args["user"] == "10001:10001" and args["network_mode"] == "host"
+    assert args["environment"]["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+    assert args["environment"]["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+    assert "HOME_OF_SOMETHING_ELSE" not in args["environment"] and "PATH" not in args["environment"]
+
+
+def test_unknown_runner_is_refused_naming_the_choices(tmp_path: Path) -> None:
+    from digilut.errors import DigilutError
+    from digilut.runner import run_local
+
+    with pytest.raises(DigilutError, match="runner='podman': use one of subprocess, docker"):
+        run_local(str(tmp_path), tmp_path / "out", runner="podman", echo=False)
