@@ -8,6 +8,7 @@ Every part writes its table to ``<out>/table.txt`` as well as printing it.
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 
 QUICK_ENV = "DIGILUT_BENCH_QUICK"
@@ -25,3 +26,11 @@ def write_table(out: Path, text: str) -> Path:
     path = out / "table.txt"
     path.write_text(text + "\n")
     return path
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its waited-for children (user + system), in seconds: the
+    figure that stays meaningful on a machine shared with other jobs."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime

@@ -11,7 +11,6 @@ objects written per slide.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -19,19 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import cpu_seconds
 from digilut.cpus import available_cpus
 
 
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    c = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
-
-
 def _timed(fn: Callable[[], tuple[int, int, int]]) -> dict[str, float]:
-    t0, c0 = time.perf_counter(), _cpu()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     patches, nbytes, objects = fn()
-    wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     cores = max(cpu / wall, 1e-9)
     return {
         "patches": patches,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import cProfile
 import io
 import pstats
-import resource
 import shutil
 import tempfile
 import time
@@ -33,20 +32,16 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from bench import cpu_seconds
+
 SLIDE_TYPES = ("2x-pyramid-20x", "4x-pyramid", "striped")
 PATCH_PX, TARGET_MPP, QUALITY = 256, 0.5, 90
 
 
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    c = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
-
-
 def _timed(fn: Callable[[], tuple[int, int, int]]) -> dict[str, float]:
-    t0, c0 = time.perf_counter(), _cpu()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     patches, nbytes, objects = fn()
-    wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     return {
         "patches": patches,
         "per_cpu_s": patches / max(cpu, 1e-9),
