@@ -45,7 +45,11 @@ def pipeline_run(s3_server, mlflow_server, tmp_path_factory):
             run_name="e2e",
             register_model="digilut-e2e-ensemble",
             checkpoint_uri=f"s3://{cfg.bucket}/e2e/checkpoints",
-            stain_norm="reinhard",  # per-slide stain normalisation, in training and in both predictions
+            # No stain normalisation: these simple synthetic lesions differ from tissue by colour alone,
+            # which per-slide Reinhard normalisation is meant to remove (measured on these slides:
+            # AUROC 0.79 but mean F2 0.00 with it, 0.77 / 0.50 without). Reinhard end to end in
+            # training and prediction: test_train::test_stain_normalised_fold_predicts_as_it_validated.
+            stain_norm="none",
             # 6 epochs at lr 1e-3 (the tiny profile trains 1, after which the model ranks the
             # held-out patches at chance: AUROC 0.50, mean F2 0.00): a few seconds more per fold
             epochs=6,
@@ -86,8 +90,8 @@ def test_boxes_and_score(pipeline_run):
     for slide, s in scored.items():  # exactly N boxes per held-out slide
         n = int((truth.filename == slide).sum())
         assert s["n_truth"] == n and int((boxes.filename == slide).sum()) == n
-    # Measured on these slides (4 held-out, 45 patches): AUROC 0.77, mean F2 0.75 (3 of 4 slides
-    # hit). A model at chance (1 epoch: 0.50 / 0.00) or a box step that misses every lesion fails.
+    # Measured on these slides (4 held-out, 45 patches): AUROC 0.77, mean F2 0.50-0.75 (2-3 of 4
+    # slides hit). A model at chance (1 epoch: 0.50 / 0.00) or a box step that misses every lesion fails.
     assert metrics["patch"]["auroc"] >= 0.65
     assert metrics["mean_f2"] >= 0.25
     report = result.report_html.with_name("report.md").read_text()
@@ -119,7 +123,7 @@ def test_mlflow_parent_run_has_one_child_per_fold(pipeline_run, mlflow_server):
     )
     assert all("val_loss" in c.data.metrics for c in children)
     for c in children:  # the initialisation really used, and the stain normalisation
-        assert c.data.params["init"] in ("random", "imagenet") and c.data.params["stain_norm"] == "reinhard"
+        assert c.data.params["init"] in ("random", "imagenet") and c.data.params["stain_norm"] == "none"
         assert c.data.tags["digilut.init"] == c.data.params["init"]
     assert client.get_registered_model("digilut-e2e-ensemble").name == "digilut-e2e-ensemble"
 
