@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from digilut.cli import app
 from digilut.manifest import read_manifest
+from digilut.score import GIOU_THRESHOLD, giou_matrix
 from digilut.train_config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU models: one thread is faster
@@ -82,9 +83,9 @@ def test_train_predict_evaluate(tmp_path: Path) -> None:
     boxes = pd.read_csv(tmp_path / "eval" / "boxes.csv")
     truth_rows = pd.read_csv(truth).query("filename in @df.slide")
     assert len(boxes) == len(truth_rows)  # exactly N per slide
-    # The box lands on the lesion: centred in the truth box and covering most of it. (This model's
-    # probabilities stay under 0.2, below every seed threshold, so the box is the spare box on the
-    # strongest peak and its GIoU stays under 0.5: mean F2 is 0 here; the e2e test asserts F2.)
+    # The box is a hit on the lesion: centred in the truth box, GIoU above the challenge's 0.5.
+    # (Measured: a 340 × 336 box inside the 384 × 384 truth box, GIoU 0.77. This model's probabilities
+    # stay under 0.2; the thresholds relative to the slide's background still seed on the lesion.)
     pairs = zip(
         boxes.sort_values("filename").itertuples(),
         truth_rows.sort_values("filename").itertuples(),
@@ -93,8 +94,8 @@ def test_train_predict_evaluate(tmp_path: Path) -> None:
     for b, t in pairs:
         assert b.filename == t.filename
         assert t.x1 <= (b.x1 + b.x2) / 2 <= t.x2 and t.y1 <= (b.y1 + b.y2) / 2 <= t.y2
-        cover = max(0, min(b.x2, t.x2) - max(b.x1, t.x1)) * max(0, min(b.y2, t.y2) - max(b.y1, t.y1))
-        assert cover >= 0.9 * (t.x2 - t.x1) * (t.y2 - t.y1)
+        giou = giou_matrix([b.x1, b.x2, b.y1, b.y2], [t.x1, t.x2, t.y1, t.y2])[0, 0]
+        assert giou > GIOU_THRESHOLD, (b, t, giou)
     assert "DigiLut mean F2" in result.output
 
 
