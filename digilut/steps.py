@@ -483,8 +483,11 @@ def fetch_models_step(model_uri: str, models: Path) -> list[Path]:
     if model_uri.startswith("models:/") or model_uri.startswith("runs:/"):
         import mlflow.artifacts
 
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or None  # the pod's, not a process global
         root = Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(models / "mlflow"))
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=model_uri, dst_path=str(models / "mlflow"), tracking_uri=tracking_uri
+            )
         )
     elif model_uri.startswith("s3://"):
         from digilut.ingest import s3_target

@@ -22,7 +22,9 @@ def _client(uri: str):  # MlflowClient, imported lazily
     return MlflowClient(tracking_uri=uri)
 
 
-def test_fold_run_and_model_through_the_server(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+def test_fold_run_and_model_through_the_server(
+    mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model_file = save_model(
         tmp_path / "model.pt", build_model(ModelSpec(hidden_units=8, input_px=32), "none")
     )
@@ -41,11 +43,10 @@ def test_fold_run_and_model_through_the_server(mlflow_server: MlflowServer, tmp_
     assert [m.step for m in client.get_metric_history(child.run_id, "val_auroc")] == [0, 1, 2]
     import mlflow.pytorch
 
-    mlflow.set_tracking_uri(mlflow_server.tracking_uri)
-    try:
-        logged = mlflow.pytorch.load_model(f"runs:/{child.run_id}/model").eval()
-    finally:
-        mlflow.set_tracking_uri("")
+    # through the environment, as a pod gets it: set_tracking_uri would outlive the test in this
+    # process ("" is not "unset": it means ./mlruns to every later test)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.tracking_uri)
+    logged = mlflow.pytorch.load_model(f"runs:/{child.run_id}/model").eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(logged(x), load_model(model_file, torch.device("cpu")).model(x))
