@@ -10,8 +10,15 @@ colour-thresholding method.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -53,6 +60,48 @@ def shrink(rgb: np.ndarray, max_side_px: int) -> np.ndarray:
     return ((total + f * f // 2) // (f * f)).astype(np.uint8)
 
 
+_warm = threading.Lock()
+_warmed = False  # this process has run pyFAST once: its OpenCL kernels are built and cached
+CACHE_RACE = "OpenCL binary cache"  # pyFAST's error when it reads a cache file another process writes
+
+
+@contextlib.contextmanager
+def _first_use_lock() -> Iterator[None]:
+    """Hold a machine-wide lock for this process's first pyFAST run.
+
+    pyFAST compiles its OpenCL kernels on first use and writes the binaries to a cache shared by
+    every process of the user (``~/FAST/kernel_binaries``), keyed by the installation; parallel
+    extraction workers of a fresh installation race on it, and a reader of a half-written file fails
+    with "Error parsing OpenCL binary cache file". Later runs read the cache and take no lock."""
+    global _warmed
+    if _warmed:
+        yield
+        return
+    with _warm:
+        path = Path(tempfile.gettempdir()) / f"digilut-pyfast-{os.getuid()}.lock"
+        with open(path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+                _warmed = True
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _segment(rgb: np.ndarray, threshold: int, dilation_px: int, erosion_px: int) -> np.ndarray:
+    import fast
+
+    fast.Reporter.setGlobalReportMethod(fast.Reporter.NONE)
+    image = fast.Image.createFromArray(np.ascontiguousarray(rgb))
+    seg = fast.TissueSegmentation.create(
+        useColorThresholdingMethod=True,
+        threshold=threshold,
+        dilationSize=dilation_px,
+        erosionSize=erosion_px,
+    ).connect(image)
+    return np.asarray(seg.runAndGetOutputData())
+
+
 def tissue_mask(
     rgb: np.ndarray,
     slide_width: int,
@@ -75,21 +124,17 @@ def tissue_mask(
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"tissue_mask needs an H×W×3 uint8 RGB image, got {rgb.shape} {rgb.dtype}")
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    import fast
-
-    fast.Reporter.setGlobalReportMethod(fast.Reporter.NONE)
-    try:
-        image = fast.Image.createFromArray(np.ascontiguousarray(rgb))
-        seg = fast.TissueSegmentation.create(
-            useColorThresholdingMethod=True,
-            threshold=threshold,
-            dilationSize=dilation_px,
-            erosionSize=erosion_px,
-        ).connect(image)
-        mask = np.asarray(seg.runAndGetOutputData())
-    except RuntimeError as err:
-        raise SlideReadError(
-            f"pyFAST tissue segmentation of a {rgb.shape[1]}×{rgb.shape[0]} overview failed ({err})"
-        ) from err
+    for attempt in range(3):
+        try:
+            with _first_use_lock():
+                mask = _segment(rgb, threshold, dilation_px, erosion_px)
+            break
+        except RuntimeError as err:
+            if CACHE_RACE in str(err) and attempt < 2:  # written by another installation's run meanwhile
+                time.sleep(0.5)
+                continue
+            raise SlideReadError(
+                f"pyFAST tissue segmentation of a {rgb.shape[1]}×{rgb.shape[0]} overview failed ({err})"
+            ) from err
     mask = mask.reshape(mask.shape[0], mask.shape[1]) > 0
     return TissueMask(mask, slide_width / mask.shape[1], slide_height / mask.shape[0])

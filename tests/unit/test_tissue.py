@@ -118,3 +118,30 @@ def test_pyfast_patch_generator_overlap_with_a_tissue_mask_fails_at_the_slide_ed
     with pytest.raises(RuntimeError, match="Width must be larger than 0"):
         for _ in fast.DataStream(gen):
             pass
+
+
+def _mask_with_fresh_kernel_cache(cache_dir: str) -> tuple[int, int]:
+    import os
+
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    import fast
+
+    fast.Config.setKernelBinaryPath(cache_dir)  # a new installation's empty kernel cache
+    rgb = np.full((96, 128, 3), 240, np.uint8)
+    rgb[20:70, 30:100] = (150, 60, 140)
+    mask = tissue_mask(rgb, 1280, 960)
+    return int(mask.mask.sum()), mask.mask.size
+
+
+def test_parallel_first_use_of_a_fresh_kernel_cache_does_not_fail(tmp_path: Path) -> None:
+    """Extraction workers of a new installation build pyFAST's OpenCL kernels at once into one
+    cache; unguarded, a reader of a half-written binary failed a slide ("Error parsing OpenCL binary
+    cache file", seen in a CI run: the demo then lost a lesion patient). Three processes race here."""
+    import multiprocessing as mp
+
+    cache = tmp_path / "kernel_binaries"
+    cache.mkdir()
+    with mp.get_context("spawn").Pool(3) as pool:
+        results = pool.map(_mask_with_fresh_kernel_cache, [f"{cache}/"] * 3)
+    assert len(set(results)) == 1 and 0 < results[0][0] < results[0][1]
+    assert any(cache.iterdir()), "pyFAST wrote its kernel binaries to the fresh cache"
