@@ -10,7 +10,7 @@ APT_PACKAGES := pocl-opencl-icd libusb-1.0-0 libopengl0 libgl1 libxcb-xinerama0 
 PYTEST_ARGS ?=
 
 # One registry and one immutable tag flow through images -> push (and manifests/images) -> compile ->
-# submit (which refuses YAML compiled for another tag), named as digilut.images.image() names them:
+# submit (which refuses YAML compiled for another tag), named as digilut.container_images.image() names them:
 # REGISTRY/TAG on the command line, else DIGILUT_REGISTRY/DIGILUT_TAG from the environment, else
 # ghcr.io/digilut and the git short SHA (12 characters; 'dev' without git). The committed
 # pipelines/compiled/*.yaml and manifests/images name the release tag: v + pyproject.toml's version.
@@ -64,7 +64,7 @@ gpu-check: install ## On a machine with one NVIDIA GPU: the gpu tests + GPU benc
 # SOURCE drops any user:token@ from the remote URL: labels are public.
 IMAGE_BASE := $(REGISTRY)/digilut-base:$(TAG)
 IMAGE_TRAIN := $(REGISTRY)/digilut-train:$(TAG)
-# Tags refused because they move (digilut.images.MUTABLE_TAGS)
+# Tags refused because they move (digilut.container_images.MUTABLE_TAGS)
 MUTABLE_TAGS := latest stable main master nightly edge
 DOCKER ?= docker
 BAKE_WEIGHTS ?= 1
@@ -138,7 +138,7 @@ push: images ## Push both images to REGISTRY and point manifests/images at this 
 manifests-images: check-tag ## Write manifests/images/kustomization.yaml: the overlays deploy REGISTRY/digilut-base:TAG
 	@printf '%s\n' \
 	  '# Written by `make manifests-images` (and `make push`): the digilut images the overlays deploy, named as' \
-	  '# digilut.images.image() names them. Commit it with the tag you deploy.' \
+	  '# digilut.container_images.image() names them. Commit it with the tag you deploy.' \
 	  'apiVersion: kustomize.config.k8s.io/v1alpha1' \
 	  'kind: Component' \
 	  'images:' \

@@ -2,5 +2,5 @@
 
 Each component imports ``digilut`` inside its body (the body runs on its own in a pod, or in a
 subprocess under ``kfp.local``) and calls one step function. Images come from
-:func:`digilut.images.image`, one place, with an immutable tag.
+:func:`digilut.container_images.image`, one place, with an immutable tag.
 """

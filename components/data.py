@@ -10,7 +10,7 @@ from typing import Any
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 
-from digilut.images import image
+from digilut.container_images import image
 
 BASE = image("base")
 
@@ -18,7 +18,7 @@ BASE = image("base")
 @dsl.component(base_image=BASE, install_kfp_package=False)
 def list_source(data_uri: str) -> dict[str, Any]:
     """The slides and train.csv of DATA (folder or s3:// prefix) with sizes and ETags (never cached)."""
-    from digilut.steps import list_source_step
+    from digilut.steps.ingest import list_source_step
 
     return list_source_step(data_uri)
 
@@ -34,7 +34,7 @@ def ingest(
     """Validate train.csv against the listed slides; return the batches (slide name, size, ETag)."""
     from pathlib import Path
 
-    from digilut.steps import ingest_step
+    from digilut.steps.ingest import ingest_step
 
     return ingest_step(
         data_uri, source, Path(annotations.path), batch_size=batch_size, require_boxes=require_boxes
@@ -59,7 +59,7 @@ def extract(
 
     from digilut.extract import ExtractConfig
     from digilut.ingest import SourceObject
-    from digilut.steps import extract_step
+    from digilut.steps.extract import extract_step
 
     cfg = ExtractConfig(
         patch_px=patch_px,
@@ -84,7 +84,7 @@ def merge(extracted: Input[list[Dataset]], patches: Output[Dataset], thumbnails:
     thumbnails."""
     from pathlib import Path
 
-    from digilut.steps import merge_step
+    from digilut.steps.merge import merge_step
 
     report = merge_step([Path(e.path) for e in extracted], Path(patches.path), Path(thumbnails.path))
     patches.metadata.update(
@@ -104,7 +104,7 @@ def label(
     from pathlib import Path
 
     from digilut.labels import LabelConfig
-    from digilut.steps import label_step
+    from digilut.steps.label import label_step
 
     df = label_step(
         Path(patches.path),
@@ -128,7 +128,7 @@ def split_patients(
     from pathlib import Path
 
     from digilut.split import SplitConfig
-    from digilut.steps import split_step
+    from digilut.steps.split import split_step
 
     cfg = SplitConfig(test_fraction=test_fraction, folds=folds, neg_per_pos=neg_per_pos, seed=seed)
     return split_step(Path(labels.path), Path(split.path), cfg)

@@ -6,7 +6,7 @@ No ``from __future__ import annotations`` here: KFP reads the real annotation ob
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
-from digilut.images import image
+from digilut.container_images import image
 
 BASE = image("base")
 TRAIN = image("train")
@@ -17,7 +17,7 @@ def fetch_models(model_uri: str, models: Output[Model]):
     """The ensemble's model files from a folder, an s3:// prefix or MLflow (models:/name/version)."""
     from pathlib import Path
 
-    from digilut.steps import fetch_models_step
+    from digilut.steps.fetch_models import fetch_models_step
 
     files = fetch_models_step(model_uri, Path(models.path))
     models.metadata.update({"models": len(files), "source": model_uri})
@@ -29,7 +29,7 @@ def predict_all(patches: Input[Dataset], models: Input[Model], batch_size: int, 
     from pathlib import Path
 
     from digilut.predict import PredictConfig
-    from digilut.steps import predict_all_step
+    from digilut.steps.predict import predict_all_step
 
     out = predict_all_step(
         Path(patches.path), Path(models.path), Path(predictions.path), PredictConfig(batch_size=batch_size)
@@ -45,7 +45,8 @@ def submission(
     from pathlib import Path
 
     from digilut.boxes import BoxesConfig
-    from digilut.steps import publish_results, submission_step
+    from digilut.steps.common import publish_results
+    from digilut.steps.submission import submission_step
 
     path = submission_step(
         data_uri, Path(predictions.path), Path(results.path), BoxesConfig(method=boxes_method)

@@ -6,7 +6,7 @@ No ``from __future__ import annotations`` here: KFP reads the real annotation ob
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
-from digilut.images import image
+from digilut.container_images import image
 
 BASE = image("base")
 TRAIN = image("train")
@@ -31,7 +31,7 @@ def start_tracking(
     import os
     from pathlib import Path
 
-    from digilut.steps import start_tracking_step
+    from digilut.steps.train import start_tracking_step
     from digilut.tracking import TrackingConfig, kfp_run_tags, parse_pipeline_params
 
     cfg = TrackingConfig(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""), experiment=experiment)
@@ -71,7 +71,7 @@ def train_fold(
     import shutil
     from pathlib import Path
 
-    from digilut.steps import train_step
+    from digilut.steps.train import train_step
     from digilut.tracking import TrackingConfig
     from digilut.train_config import TrainConfig
 
@@ -129,7 +129,7 @@ def predict(
     from pathlib import Path
 
     from digilut.predict import PredictConfig
-    from digilut.steps import predict_step
+    from digilut.steps.predict import predict_step
 
     out = predict_step(
         Path(patches.path),
@@ -168,7 +168,9 @@ def evaluate(
 
     from digilut.boxes import BoxesConfig
     from digilut.report import run_figures
-    from digilut.steps import PREDICTIONS_NAME, evaluate_step, publish_step
+    from digilut.steps.common import PREDICTIONS_NAME
+    from digilut.steps.evaluate import evaluate_step
+    from digilut.steps.publish import publish_step
     from digilut.tracking import TrackingConfig
 
     out = Path(results.path)

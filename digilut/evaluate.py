@@ -21,9 +21,9 @@ from typing import Any
 import pandas as pd
 
 from digilut.boxes import BoxesConfig, slide_boxes, tune_boxes
+from digilut.files import atomic_write
 from digilut.predict import ORIGINAL_METHOD, PatchMetrics, patch_metrics, tune_threshold
 from digilut.score import ScoreResult, score_slides
-from digilut.shards import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -44,9 +44,10 @@ from digilut.annotations import (
 )
 from digilut.cpus import available_cpus
 from digilut.errors import ConfigError, DigilutError, SlideReadError, TissueNotFoundError
+from digilut.files import atomic_write, file_sha256
 from digilut.labels import LabelConfig, label_patches
 from digilut.manifest import EXTRACT_COLUMNS, MANIFEST_NAME, conform, write_manifest
-from digilut.shards import atomic_write, decode_jpeg, file_sha256, write_shard
+from digilut.shards import decode_jpeg, write_shard
 from digilut.slide import (
     CACHE_BYTES,
     LevelReader,

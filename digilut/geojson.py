@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 
 from digilut.errors import DigilutError
+from digilut.files import atomic_write
 from digilut.heatmap import Heatmap
-from digilut.shards import atomic_write
 
 log = logging.getLogger(__name__)
 

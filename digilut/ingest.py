@@ -33,7 +33,7 @@ from digilut.annotations import (
     safe_slide_names,
 )
 from digilut.errors import ConfigError, SlideChangedError, SlideNotFoundError
-from digilut.shards import atomic_write
+from digilut.files import atomic_write
 
 if TYPE_CHECKING:
     from digilut.storage import S3Config

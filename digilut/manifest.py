@@ -40,7 +40,8 @@ import numpy as np
 import pandas as pd
 
 from digilut.errors import ShardError
-from digilut.shards import ShardReader, atomic_write
+from digilut.files import atomic_write
+from digilut.shards import ShardReader
 
 EXTRACT_COLUMNS: dict[str, str] = {
     "slide": "string",

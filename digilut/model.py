@@ -38,8 +38,8 @@ import torchvision
 from torch import nn
 
 from digilut.errors import ConfigError, DigilutError, GpuUnavailableError
-from digilut.k8s import GPU_RESOURCE, REQUIRE_GPU_ENV
-from digilut.shards import atomic_write, file_sha256
+from digilut.files import atomic_write, file_sha256
+from digilut.ops.k8s import GPU_RESOURCE, REQUIRE_GPU_ENV
 from digilut.train_config import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ def _imagenet_file(arch: str, weights: str) -> Path | None:
     path = cached_imagenet_weights(arch)
     if path is not None or weights == "auto":
         return path
-    from digilut.images import download_imagenet_weights  # the image's bake step, same code path
+    from digilut.container_images import download_imagenet_weights  # the image's bake step, same code path
 
     torch_home = Path(torch.hub.get_dir()).parent
     try:

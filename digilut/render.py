@@ -24,8 +24,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from digilut.errors import ConfigError
+from digilut.files import atomic_write
 from digilut.heatmap import Heatmap
-from digilut.shards import atomic_write
 
 log = logging.getLogger(__name__)
 

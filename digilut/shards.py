@@ -14,11 +14,10 @@ renamed, so a crash or a full disk never leaves a truncated shard at the final p
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from digilut.errors import ShardError
+from digilut.files import atomic_write
 
 MAGIC = b"DLSHARD1"
 SHARD_SUFFIX = ".shard"
@@ -56,32 +56,6 @@ class ShardIndex:
 
     def __len__(self) -> int:
         return len(self.offset)
-
-
-def atomic_write(path: Path, chunks: Iterable[bytes]) -> int:
-    """Write ``chunks`` to ``path`` atomically (temp file, fsync, rename); return bytes written.
-
-    On any error (a full disk included) the temporary file is removed and the error re-raised as
-    :class:`ShardError` naming ``path``; a previous file at ``path`` is left untouched.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    total = 0
-    try:
-        with open(tmp, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-                total += len(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise ShardError(f"cannot write {path}: {err.strerror or err}") from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return total
 
 
 def write_shard(path: str | Path, jpegs: list[bytes]) -> ShardIndex:
@@ -355,9 +329,3 @@ def iter_shard(path: str | Path) -> Iterator[bytes]:
         for off, n in zip(idx.offset, idx.nbytes, strict=True):
             fh.seek(int(off))
             yield fh.read(int(n))
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's content (what "reused by content hash" compares)."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()

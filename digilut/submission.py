@@ -20,7 +20,7 @@ import pandas as pd
 from digilut.annotations import TEST_COLUMNS
 from digilut.boxes import MEDIAN_LESION_SIDE_PX
 from digilut.errors import AnnotationError
-from digilut.shards import atomic_write
+from digilut.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -45,10 +45,10 @@ from torchvision.ops import sigmoid_focal_loss
 from digilut.cpus import available_cpus
 from digilut.data import PatchDataset, make_loader, make_sampler, to_model_input
 from digilut.errors import ConfigError, DigilutError, TrainingInterrupted
+from digilut.files import atomic_write, file_sha256
 from digilut.manifest import read_manifest, write_manifest
 from digilut.model import BackboneInit, PatchClassifier, build_model, save_model
 from digilut.predict import amp_dtype, safe_auroc
-from digilut.shards import atomic_write, file_sha256
 from digilut.tracking import RunHandle, Tracker, TrackingConfig
 from digilut.train_config import FoldResult, TrainConfig
 

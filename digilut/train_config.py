@@ -184,7 +184,7 @@ class FoldResult:
     init: dict[str, Any] = dataclasses.field(default_factory=dict)  # BackboneInit.to_dict(): weights used
 
     def save(self, path: str | Path) -> Path:
-        from digilut.shards import atomic_write
+        from digilut.files import atomic_write
 
         path = Path(path)
         atomic_write(path, [json.dumps(dataclasses.asdict(self), indent=2, allow_nan=True).encode()])

@@ -115,8 +115,8 @@ def boxes(
 
     Boxes in level-0 px: x1,x2 = xmin,xmax and y1,y2 = ymin,ymax.
     """
+    from digilut.files import atomic_write
     from digilut.heatmap import build_heatmaps
-    from digilut.shards import atomic_write
 
     try:
         cfg = BoxesConfig(**config)

@@ -57,7 +57,7 @@ def run(
 ) -> None:
     """Run a Kubeflow pipeline here through kfp.local (the components a cluster runs): training, or
     inference with --models (DATA/test.csv lists the slides and N boxes each)."""
-    from digilut.runner import run_inference_local, run_local
+    from digilut.ops.runner import run_inference_local, run_local
 
     try:
         if models:
@@ -94,7 +94,7 @@ def demo(
     ),
 ) -> None:
     """The whole pipeline locally: synthetic slides → local S3 + MLflow servers → kfp.local run → summary."""
-    from digilut.demo import run_demo
+    from digilut.ops.demo import run_demo
 
     try:
         d = run_demo(work, patients=patients, seed=seed, size=size, profile=profile, keep=keep, cache=cache)
@@ -125,7 +125,7 @@ def compile_(
     out: Path = typer.Option(None, help="Output folder (default pipelines/compiled)."),
 ) -> None:
     """Compile the training and inference pipelines to KFP YAML (images from DIGILUT_REGISTRY/DIGILUT_TAG)."""
-    from digilut.kubeflow import COMPILED_DIR, compile_pipelines
+    from digilut.ops.kubeflow import COMPILED_DIR, compile_pipelines
 
     for path in compile_pipelines(out or COMPILED_DIR):
         typer.echo(str(path))
@@ -148,7 +148,7 @@ def submit(
 ) -> None:
     """Upload the compiled pipeline as a new version and start a run on Kubeflow (with --cron: replace
     the pipeline's recurring run); print its URL. Refuses YAML compiled for another image tag."""
-    from digilut.kubeflow import SubmitConfig, submit_run
+    from digilut.ops.kubeflow import SubmitConfig, submit_run
 
     try:
         cfg = SubmitConfig.from_env(

@@ -12,7 +12,7 @@ import typer
 from digilut.errors import DigilutError
 
 if TYPE_CHECKING:
-    from digilut.services import Service
+    from digilut.ops.services import Service
     from digilut.storage import S3Config
 
 STATE_DIR = Path(".digilut-services")
@@ -61,7 +61,7 @@ def services_up(
     """
     import os
 
-    from digilut.services import (
+    from digilut.ops.services import (
         read_env_file,
         running_saved,
         save_state,
@@ -132,7 +132,7 @@ def services_down(
     state_dir: Path = typer.Option(STATE_DIR, "--dir", help="The folder given to `services up`."),
 ) -> None:
     """Stop the servers that `digilut services up --keep` left running (their data is kept)."""
-    from digilut.services import stop_saved
+    from digilut.ops.services import stop_saved
 
     try:
         stopped = stop_saved(state_dir.resolve() / "services.json")

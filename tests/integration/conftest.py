@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from digilut.services import MlflowServer, S3Server, group_pids, start_mlflow, start_s3
+from digilut.ops.services import MlflowServer, S3Server, group_pids, start_mlflow, start_s3
 from digilut.storage import S3Config
 
 

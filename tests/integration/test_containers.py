@@ -19,9 +19,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from digilut.images import image
+from digilut.container_images import image
 from digilut.manifest import read_manifest
-from digilut.runner import CONTAINER_USER, run_inference_local, run_local
+from digilut.ops.runner import CONTAINER_USER, run_inference_local, run_local
 from digilut.slide import read_slide_info
 from digilut.storage import upload_dir, upload_file
 from digilut.synth import SynthConfig, synth_dataset

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import pandas as pd
 import pytest
 
-from digilut.services import read_env_file, running_saved
+from digilut.ops.services import read_env_file, running_saved
 from digilut.synth import SynthConfig, synth_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from listening import listening_addresses
 
-from digilut.services import MlflowServer, S3Server, group_pids
+from digilut.ops.services import MlflowServer, S3Server, group_pids
 from digilut.storage import list_keys
 
 pytestmark = pytest.mark.integration

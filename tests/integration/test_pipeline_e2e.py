@@ -14,7 +14,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from digilut.runner import run_local
+from digilut.ops.runner import run_local
 from digilut.storage import list_keys, upload_dir
 from digilut.synth import SynthConfig, synth_dataset
 
@@ -158,7 +158,7 @@ def test_inference_pipeline_writes_a_submission_with_the_registered_ensemble(
 ):
     """New slides in S3 (images/ + test.csv) + the ensemble the training run registered in MLflow →
     the inference pipeline through kfp.local → N boxes per slide in the challenge format."""
-    from digilut.runner import run_inference_local
+    from digilut.ops.runner import run_inference_local
     from digilut.slide import read_slide_info
     from digilut.storage import upload_file
 

@@ -15,7 +15,7 @@ import pytest
 from listening import listening_addresses
 
 from digilut.errors import StorageError
-from digilut.services import S3Server, free_ports
+from digilut.ops.services import S3Server, free_ports
 from digilut.storage import (
     S3Config,
     check_bucket,
@@ -221,7 +221,7 @@ def test_s3_env_reaches_the_server_through_from_env(s3_env, s3_prefix, tmp_path)
 
 
 def test_stop_leaves_no_process_and_no_port(tmp_path):
-    from digilut.services import group_pids, start_s3
+    from digilut.ops.services import group_pids, start_s3
 
     server = start_s3(tmp_path / "s3")
     pgid = server.pid

@@ -21,15 +21,12 @@ from digilut.labels import LabelConfig
 from digilut.manifest import MANIFEST_NAME, read_manifest, read_patch, shard_store
 from digilut.shards import DEFAULT_MAX_GAP_BYTES, ShardReader
 from digilut.split import SplitConfig
-from digilut.steps import (
-    extract_step,
-    ingest_step,
-    label_step,
-    list_source_step,
-    merge_step,
-    split_step,
-    train_step,
-)
+from digilut.steps.extract import extract_step
+from digilut.steps.ingest import ingest_step, list_source_step
+from digilut.steps.label import label_step
+from digilut.steps.merge import merge_step
+from digilut.steps.split import split_step
+from digilut.steps.train import train_step
 from digilut.storage import list_objects, upload_file
 from digilut.synth import SynthConfig, synth_dataset
 from digilut.tracking import TrackingConfig

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from digilut.services import HOST, S3Server, Service, free_ports
+from digilut.ops.services import HOST, S3Server, Service, free_ports
 from digilut.storage import S3Config, list_objects
 from digilut.tracking import Tracker, TrackingConfig
 from digilut.train import TrainConfig, train_fold

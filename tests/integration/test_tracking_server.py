@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from digilut.model import ModelSpec, build_model, load_model, save_model
-from digilut.services import MlflowServer, S3Server, free_ports, start_mlflow
+from digilut.ops.services import MlflowServer, S3Server, free_ports, start_mlflow
 from digilut.tracking import PARENT_TAG, Tracker, TrackingConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]

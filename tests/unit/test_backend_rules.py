@@ -27,7 +27,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 from google.protobuf.descriptor import FileDescriptor
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from digilut.kubeflow import MIN_KFP_BACKEND, input_type_mismatches
+from digilut.ops.kubeflow import MIN_KFP_BACKEND, input_type_mismatches
 
 ROOT = Path(__file__).parents[2]
 COMPILED = ROOT / "pipelines" / "compiled"

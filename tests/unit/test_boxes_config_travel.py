@@ -10,7 +10,9 @@ from box_fixtures import oracle_patches
 
 from digilut.boxes import BOXES_CONFIG_NAME, BoxesConfig, load_boxes_config, save_boxes_config
 from digilut.errors import ConfigError
-from digilut.steps import PREDICTIONS_NAME, fetch_models_step, submission_step
+from digilut.steps.common import PREDICTIONS_NAME
+from digilut.steps.fetch_models import fetch_models_step
+from digilut.steps.submission import submission_step
 
 LESION = (2000, 3000, 3000, 3700)
 TUNED = BoxesConfig(margin_px=300.0, high=0.6, low=0.3)

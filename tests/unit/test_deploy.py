@@ -24,9 +24,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from digilut import k8s
-from digilut.images import image
-from digilut.kubeflow import SubmitConfig
+from digilut.container_images import image
+from digilut.ops import k8s
+from digilut.ops.kubeflow import SubmitConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"

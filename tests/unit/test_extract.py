@@ -115,7 +115,8 @@ def test_extract_step_puts_shards_in_the_store_and_merge_copies_none(tiny_data, 
     from digilut.errors import ShardError
     from digilut.ingest import list_source
     from digilut.manifest import shard_store, write_shard_store
-    from digilut.steps import extract_step, merge_step, shard_store_for
+    from digilut.steps.extract import extract_step, shard_store_for
+    from digilut.steps.merge import merge_step
 
     listed = {s.name: s for s in list_source(str(tiny_data)).slides}
     slides = sorted(listed)[:2]

@@ -192,7 +192,8 @@ def test_the_report_links_each_slide_picture_and_geojson(tmp_path: Path) -> None
 
 def test_submission_step_writes_the_submitted_boxes_as_geojson(tmp_path: Path) -> None:
     from digilut.boxes import BoxesConfig
-    from digilut.steps import PREDICTIONS_NAME, submission_step
+    from digilut.steps.common import PREDICTIONS_NAME
+    from digilut.steps.submission import submission_step
 
     data, preds, results = tmp_path / "data", tmp_path / "pred", tmp_path / "results"
     data.mkdir()

@@ -19,10 +19,10 @@ import torch
 import yaml
 from patch_fixtures import make_patch_manifest
 
-from digilut import k8s
 from digilut.data import to_model_input
 from digilut.manifest import read_manifest
 from digilut.model import build_model, gpu_required, load_model, select_device
+from digilut.ops import k8s
 from digilut.predict import PredictConfig, amp_dtype, predict_patches, safe_auroc
 from digilut.train import TrainConfig, _loss, train_fold
 
@@ -49,7 +49,7 @@ def _child_env(**extra: str) -> dict[str, str]:
 _TRAIN_STEP = """
 import sys
 from pathlib import Path
-from digilut.steps import train_step
+from digilut.steps.train import train_step
 from digilut.tracking import TrackingConfig
 from digilut.train_config import TrainConfig
 out = Path(sys.argv[1])

@@ -1,4 +1,4 @@
-"""Image names (digilut.images vs the Makefile), the hashed lock files, the baked ImageNet weights."""
+"""Image names (digilut.container_images vs the Makefile), the hashed lock files, baked ImageNet weights."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from digilut import images
-from digilut.errors import ConfigError
-from digilut.images import (
+from digilut import container_images as images
+from digilut.container_images import (
     GPU_ONLY_PACKAGES,
     MUTABLE_TAGS,
     check_registry,
@@ -25,6 +24,7 @@ from digilut.images import (
     read_lock,
     render_lock,
 )
+from digilut.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCKS = ROOT / "images"
@@ -269,7 +269,12 @@ CPU_MODULES = (
     "components.inference",
     "components.model",
     "digilut.cli",
-    "digilut.steps",
+    "digilut.steps.ingest",
+    "digilut.steps.extract",
+    "digilut.steps.merge",
+    "digilut.steps.label",
+    "digilut.steps.split",
+    "digilut.steps.evaluate",
     "digilut.evaluate",
     "digilut.report",
     "digilut.tracking",
@@ -282,7 +287,7 @@ def test_cpu_steps_import_no_torch() -> None:
     inside the GPU steps)."""
     script = (
         f"import sys, {', '.join(CPU_MODULES)}\n"
-        "from digilut.steps import evaluate_step, ingest_step, merge_step, split_step, FoldResult\n"
+        "from digilut.train_config import FoldResult\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
@@ -365,7 +370,7 @@ def test_download_imagenet_weights_keeps_cached_checkpoints(tmp_path: Path) -> N
 
 
 def test_docker_runner_runs_as_the_images_user_on_the_host_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    from digilut.runner import kfp_runner
+    from digilut.ops.runner import kfp_runner
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
@@ -379,7 +384,7 @@ def test_docker_runner_runs_as_the_images_user_on_the_host_network(monkeypatch: 
 
 def test_unknown_runner_is_refused_naming_the_choices(tmp_path: Path) -> None:
     from digilut.errors import DigilutError
-    from digilut.runner import run_local
+    from digilut.ops.runner import run_local
 
     with pytest.raises(DigilutError, match="runner='podman': use one of subprocess, docker"):
         run_local(str(tmp_path), tmp_path / "out", runner="podman", echo=False)

@@ -17,7 +17,8 @@ from kfp.compiler.pipeline_spec_builder import to_protobuf_value
 from digilut.errors import ConfigError, SlideChangedError
 from digilut.extract import ExtractConfig
 from digilut.ingest import SourceListing, SourceObject, ingest_data, list_source
-from digilut.steps import extract_step, ingest_step, list_source_step
+from digilut.steps.extract import extract_step
+from digilut.steps.ingest import ingest_step, list_source_step
 
 CSV = "filename,x1,x2,y1,y2,max_x,max_y\na_a.tif,10,50,10,50,1000,800\nb_a.tif,20,60,20,60,1000,800\n"
 

@@ -10,6 +10,7 @@ import torch
 import torchvision
 
 from digilut.errors import ConfigError
+from digilut.files import file_sha256
 from digilut.model import (
     ModelFileError,
     ModelSpec,
@@ -19,7 +20,6 @@ from digilut.model import (
     save_model,
     select_device,
 )
-from digilut.shards import file_sha256
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU models: one thread is faster
 

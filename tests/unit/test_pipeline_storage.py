@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from digilut import k8s
-from digilut.kubeflow import COMPILED_DIR
+from digilut.ops import k8s
+from digilut.ops.kubeflow import COMPILED_DIR
 
 # executor -> whether it writes large files (slides, shards, the local copy of fetched patches)
 SHARD_TASKS = {

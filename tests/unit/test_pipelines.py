@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from digilut import k8s
+from digilut.ops import k8s
 
 ROOT = Path(__file__).parents[2]
 COMPILED = ROOT / "pipelines" / "compiled"
@@ -32,7 +32,7 @@ def test_compiled_pipelines_are_up_to_date(tmp_path):
     ref = committed_image("training", "base")
     registry, tag = ref.rsplit("/digilut-base:", 1)
     env = {**os.environ, "DIGILUT_REGISTRY": registry, "DIGILUT_TAG": tag}
-    code = f"from digilut.kubeflow import compile_pipelines; compile_pipelines({str(tmp_path)!r})"
+    code = f"from digilut.ops.kubeflow import compile_pipelines; compile_pipelines({str(tmp_path)!r})"
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
     for name in ("training", "inference"):
         fresh = (tmp_path / f"{name}.yaml").read_text()

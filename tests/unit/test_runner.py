@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from digilut.runner import _follow, cache_settings, code_fingerprint
+from digilut.ops.runner import _follow, cache_settings, code_fingerprint
 
 ROOT = Path(__file__).parents[2]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from digilut.errors import ServiceError
-from digilut.services import Service, find_weed, free_ports, group_pids
+from digilut.ops.services import Service, find_weed, free_ports, group_pids
 
 # A leader that forks a child which ignores SIGTERM, as server workers sometimes do.
 _FAMILY = """
@@ -99,7 +99,7 @@ def test_weed_binary_is_found_and_runs():
 
 
 def test_env_file_round_trip_is_private_and_quoted(tmp_path: Path):
-    from digilut.services import read_env_file, write_env_file
+    from digilut.ops.services import read_env_file, write_env_file
     from digilut.storage import S3Config
 
     cfg = S3Config("http://127.0.0.1:9000", "digilut", access_key_id="id", secret_access_key="s'e c$r\"et")
@@ -117,7 +117,7 @@ def test_env_file_round_trip_is_private_and_quoted(tmp_path: Path):
 def test_saved_state_stops_a_group_left_running_but_not_a_reused_pid(tmp_path: Path):
     import json
 
-    from digilut.services import running_saved, save_state, stop_saved
+    from digilut.ops.services import running_saved, save_state, stop_saved
 
     svc = _start_family(tmp_path)
     state = save_state(tmp_path / "services.json", [svc])

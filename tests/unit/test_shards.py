@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 
 from digilut.errors import ShardError
+from digilut.files import atomic_write, file_sha256
 from digilut.shards import (
     ShardIndex,
     ShardReader,
-    atomic_write,
     decode_jpeg,
     encode_jpeg,
-    file_sha256,
     iter_shard,
     publish_shard,
     read_index,

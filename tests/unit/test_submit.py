@@ -17,7 +17,7 @@ import pytest
 from kfp_server_api.models import V2beta1ListRecurringRunsResponse, V2beta1RecurringRun
 
 from digilut.errors import ConfigError
-from digilut.kubeflow import COMPILED_DIR, SubmitConfig, compiled_images, submit_run
+from digilut.ops.kubeflow import COMPILED_DIR, SubmitConfig, compiled_images, submit_run
 
 COMMITTED_TAG = next(iter(compiled_images(COMPILED_DIR / "training.yaml"))).rsplit(":", 1)[1]
 

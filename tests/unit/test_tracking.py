@@ -16,7 +16,7 @@ from digilut.boxes import BOXES_CONFIG_NAME, BoxesConfig, load_boxes_config, sav
 from digilut.errors import ConfigError
 from digilut.model import ModelSpec, build_model, load_model, save_model
 from digilut.predict import Ensemble
-from digilut.steps import fetch_models_step
+from digilut.steps.fetch_models import fetch_models_step
 from digilut.tracking import PARENT_TAG, Tracker, TrackingConfig, kfp_run_tags, parse_pipeline_params
 from digilut.train import TrainConfig, train_fold
 
@@ -49,7 +49,7 @@ def _client(uri: str):
 def test_pipeline_parent_and_fold_child_runs(store: str, manifest: Path, tmp_path: Path) -> None:
     import torchvision
 
-    from digilut.shards import file_sha256
+    from digilut.files import file_sha256
 
     weights = tmp_path / "ssl.pt"  # a self-supervised checkpoint: prefixed keys and a projector
     state = {f"module.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()}

@@ -184,7 +184,8 @@ def test_fold_resumes_on_a_new_machine_from_its_checkpoint_folder(
 ) -> None:
     """What a new pod sees: an empty model folder, the checkpoints copied where the run points
     (``checkpoint_uri``; a folder here, an ``s3://`` prefix in the end-to-end test)."""
-    from digilut.steps import checkpoint_location, publish_results, train_step
+    from digilut.steps.common import publish_results
+    from digilut.steps.train import checkpoint_location, train_step
     from digilut.tracking import TrackingConfig
 
     out, straight = trained
@@ -243,7 +244,7 @@ def test_stain_normalised_fold_predicts_as_it_validated(manifest: Path, tmp_path
 def test_resumed_fold_keeps_the_record_of_its_pretrained_weights(manifest: Path, tmp_path: Path) -> None:
     import torchvision
 
-    from digilut.shards import file_sha256
+    from digilut.files import file_sha256
 
     weights = tmp_path / "backbone.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)

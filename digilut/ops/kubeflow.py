@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from digilut import k8s
 from digilut.errors import ConfigError
+from digilut.ops import k8s
 
 log = logging.getLogger(__name__)
-COMPILED_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "compiled"
+COMPILED_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "compiled"
 # The oldest KFP backend release that accepts the compiled pipelines: its Argo compiler parses each
 # task's Kubernetes platform config strictly, and `optional` in secretAsEnv/configMapAsEnv (2.15) and
 # `securityContext` (2.16, honoured by its driver) are fields older releases reject.
@@ -197,7 +197,7 @@ class SubmitConfig:
     pipeline: str = "training"
     service_account: str = k8s.PIPELINE_SERVICE_ACCOUNT
     cron: str | None = None  # a recurring run on this 6-field cron schedule (KFP/robfig format)
-    tag: str | None = None  # the image tag the compiled YAML must name (None: digilut.images.image_tag())
+    tag: str | None = None  # tag the compiled YAML must name (None: container_images.image_tag())
 
     def __post_init__(self) -> None:
         if not self.host.startswith(("http://", "https://")):
@@ -229,7 +229,7 @@ def compiled_images(package: str | Path) -> set[str]:
 def check_compiled_for(package: str | Path, tag: str | None = None) -> None:
     """Raise :class:`ConfigError` unless ``package`` runs only ``REGISTRY/digilut-{base,train}:tag``,
     the images ``make images push TAG=tag`` built and pushed."""
-    from digilut.images import IMAGE_KINDS, image
+    from digilut.container_images import IMAGE_KINDS, image
 
     want = {image(kind, tag=tag) for kind in IMAGE_KINDS}  # type: ignore[arg-type]
     got = compiled_images(package)

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from digilut.errors import DigilutError
-from digilut.profiles import profile_params
-from digilut.services import stop_group
+from digilut.ops.profiles import profile_params
+from digilut.ops.services import stop_group
 
 log = logging.getLogger(__name__)
 _ANSI = r"(?:\x1b\[[0-9;]*m)*"  # kfp.local colours task names and statuses
@@ -73,7 +73,7 @@ def _child(args: dict[str, Any]) -> None:
     """In the child process: run pipeline ``args["pipeline"]`` with kfp.local."""
     from kfp import local
 
-    from digilut.kubeflow import pipeline_functions
+    from digilut.ops.kubeflow import pipeline_functions
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -182,7 +182,7 @@ def run_inference_local(
     return out / "submission.csv"
 
 
-def code_fingerprint(root: Path = Path(__file__).resolve().parents[1]) -> str:
+def code_fingerprint(root: Path = Path(__file__).resolve().parents[2]) -> str:
     """A hash of the ``.py`` sources under ``root``'s digilut/, components/ and pipelines/ (what a
     task runs here), so that a code change starts a new local cache."""
     h = hashlib.sha256()
@@ -227,10 +227,10 @@ def _run_child(args: dict[str, Any], out: Path, echo: bool) -> tuple[float, list
     cmd = [
         sys.executable,
         "-c",
-        f"import json, digilut.runner as r; r._child(json.loads({json.dumps(json.dumps(args))}))",
+        f"import json, digilut.ops.runner as r; r._child(json.loads({json.dumps(json.dumps(args))}))",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     failed: list[str] = []
     cached: list[str] = []

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from digilut.runner import RunResult, run_local
+from digilut.ops.runner import RunResult, run_local
 
 log = logging.getLogger(__name__)
 BUCKET = "digilut"
@@ -49,7 +49,7 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo in ``work`` (data, servers' state, run outputs); see the module docstring."""
     from digilut.errors import ConfigError
-    from digilut.services import running_saved, save_state, start_mlflow, start_s3, write_env_file
+    from digilut.ops.services import running_saved, save_state, start_mlflow, start_s3, write_env_file
     from digilut.storage import upload_dir
     from digilut.synth import SynthConfig, synth_dataset
 

@@ -1,0 +1,49 @@
+"""Steps ``predict`` (the test patches of a run) and ``predict_all`` (every patch of new slides)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from digilut.boxes import BOXES_CONFIG_NAME
+from digilut.manifest import (
+    read_manifest,
+    shard_store,
+    write_manifest,
+)
+from digilut.predict import PredictConfig, predict_patches
+from digilut.train_config import FoldResult
+
+if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
+    pass
+from digilut.steps.common import PREDICTIONS_NAME, pick_device
+
+log = logging.getLogger(__name__)
+
+
+def predict_step(
+    patches: Path, split: Path, model_dirs: list[Path], predictions: Path, cfg: PredictConfig
+) -> pd.DataFrame:
+    """Mean probability of the fold models on every test patch; writes ``predictions.parquet``."""
+    predictions.mkdir(parents=True, exist_ok=True)
+    df = read_manifest(split, require=("split",))
+    rows = df[df["split"] == "test"]
+    files = [d / FoldResult.load(d).model_file for d in model_dirs]
+    out = predict_patches(rows, shard_store(patches), files, cfg, pick_device())
+    write_manifest(out, predictions / PREDICTIONS_NAME)
+    return out
+
+
+def predict_all_step(patches: Path, models: Path, predictions: Path, cfg: PredictConfig) -> pd.DataFrame:
+    """Mean probability of the ensemble in ``models`` on every patch of ``patches``."""
+    predictions.mkdir(parents=True, exist_ok=True)
+    files = sorted(models.glob("model*.pt"))
+    out = predict_patches(read_manifest(patches), shard_store(patches), files, cfg, pick_device())
+    write_manifest(out, predictions / PREDICTIONS_NAME)
+    if (models / BOXES_CONFIG_NAME).is_file():  # the ensemble's tuned boxes config goes with its output
+        shutil.copy2(models / BOXES_CONFIG_NAME, predictions / BOXES_CONFIG_NAME)
+    return out

@@ -1,0 +1,40 @@
+"""Step ``split``: train/test by patient, negatives undersampled, GroupKFold folds."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from digilut.manifest import (
+    MANIFEST_NAME,
+    read_manifest,
+    write_manifest,
+)
+from digilut.split import SplitConfig, split_dataset
+
+if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
+    pass
+from digilut.steps.common import write_json
+
+log = logging.getLogger(__name__)
+
+
+def split_step(labels: Path, split: Path, cfg: SplitConfig) -> list[int]:
+    """Split patients, undersample and assign folds; return the fold ids to train."""
+    split.mkdir(parents=True, exist_ok=True)
+    df = split_dataset(read_manifest(labels, require=("patient", "label")), cfg)
+    write_manifest(df, split / MANIFEST_NAME)
+    summary = {
+        "test_patients": sorted(df.loc[df["split"] == "test", "patient"].unique().tolist()),
+        "folds": {
+            int(k): sorted(g["patient"].unique().tolist())
+            for k, g in df[df["split"] == "train"].groupby("fold")
+        },
+        "config": cfg.__dict__,
+    }
+    write_json(split / "split.json", summary)
+    return sorted(summary["folds"])
+
+
+# --- model side ------------------------------------------------------------------------------

@@ -1,0 +1,120 @@
+"""Steps ``start_tracking`` and ``train_fold``: the MLflow parent run, then one fold (checkpointed in S3)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from digilut.manifest import (
+    MANIFEST_NAME,
+    read_manifest,
+    shard_store,
+)
+from digilut.tracking import Tracker, TrackingConfig
+from digilut.train_config import FoldResult, TrainConfig
+
+if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
+    pass
+from digilut.steps.common import pick_device, publish_results
+
+log = logging.getLogger(__name__)
+
+
+def start_tracking_step(
+    run_name: str,
+    cfg: TrackingConfig,
+    params: Mapping[str, str] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Open the pipeline's MLflow parent run with the pipeline's ``params`` and ``tags`` (the KFP
+    run); return its id ("" when tracking is off or down)."""
+    with Tracker(cfg) as tracker:
+        if not tracker.enabled:
+            log.info("tracking: no MLflow tracking URI configured; runs are not logged")
+            return ""
+        run = tracker.start_run(run_name, tags={"digilut.kind": "pipeline", **(tags or {})})
+        tracker.log_params(run, params or {})
+        run_id = run.wait(cfg.request_timeout_s * 3) or ""
+    if not run_id:
+        log.warning("tracking: MLflow at %s did not answer; this run is not logged", cfg.tracking_uri)
+    return run_id
+
+
+def checkpoint_location(checkpoint_uri: str, manifest: Path, fold: int, cfg: TrainConfig) -> str:
+    """Where fold ``fold`` keeps its checkpoints under ``checkpoint_uri`` (a folder or ``s3://``
+    prefix): ``fold<k>-<key>``, the key hashing the fold's rows and the training settings — so a
+    re-run of the same pipeline (a new pod, a new run) finds it, and another dataset or config does not."""
+    from digilut.train import fold_data_digest, fold_rows
+
+    data = fold_rows(read_manifest(manifest), fold, cfg)
+    key = hashlib.sha256(
+        (fold_data_digest(data) + json.dumps(cfg.fingerprint(), sort_keys=True)).encode()
+    ).hexdigest()[:16]
+    return f"{checkpoint_uri.rstrip('/')}/fold{fold}-{key}"
+
+
+def restore_checkpoint(where: str, model_dir: Path) -> bool:
+    """Copy a fold's checkpoint folder ``where`` (folder or ``s3://``) into ``model_dir``; False if none."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if where.startswith("s3://"):
+        from digilut.ingest import s3_target
+        from digilut.storage import download_prefix
+
+        s3, prefix = s3_target(where)
+        done = download_prefix(s3, prefix, model_dir)
+        return bool(done.transferred or done.skipped)
+    if Path(where).is_dir():
+        shutil.copytree(where, model_dir, dirs_exist_ok=True)
+        return True
+    return False
+
+
+def train_step(
+    patches: Path,
+    split: Path,
+    fold: int,
+    model_dir: Path,
+    cfg: TrainConfig,
+    tracking: TrackingConfig,
+    *,
+    parent_run_id: str = "",
+    checkpoint_uri: str = "",
+) -> FoldResult:
+    """Train one fold on the device chosen here (CUDA when present); resumes from ``model_dir``.
+
+    With ``checkpoint_uri`` (a folder or ``s3://`` prefix that outlives the run), the fold's folder
+    is copied there after every epoch and restored from there first: a fold killed on one pod
+    resumes on the next run's pod, and a finished fold is reused (Argo ignores ``set_retry``
+    inside a ``ParallelFor``, so recovery comes from here, not from retries).
+    """
+    from digilut.train import train_fold
+
+    device = pick_device()
+    manifest = split / MANIFEST_NAME
+    on_checkpoint = None
+    if checkpoint_uri:
+        where = checkpoint_location(checkpoint_uri, manifest, fold, cfg)
+        if restore_checkpoint(where, model_dir):
+            log.info("fold %d: checkpoint restored from %s", fold, where)
+
+        def on_checkpoint(folder: Path) -> None:
+            publish_results(folder, where)
+
+    with Tracker(tracking) as tracker:
+        parent = tracker.attach(parent_run_id) if parent_run_id else None
+        return train_fold(
+            manifest,
+            fold,
+            model_dir,
+            cfg,
+            device,
+            tracker=tracker,
+            parent=parent,
+            root=shard_store(patches),
+            on_checkpoint=on_checkpoint,
+        )
