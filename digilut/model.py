@@ -39,7 +39,7 @@ from torch import nn
 
 from digilut.errors import ConfigError, DigilutError, GpuUnavailableError
 from digilut.files import atomic_write, file_sha256
-from digilut.ops.k8s import GPU_RESOURCE, REQUIRE_GPU_ENV
+from digilut.k8s import GPU_RESOURCE, REQUIRE_GPU_ENV
 from digilut.train_config import ModelSpec
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from digilut.errors import ConfigError, DigilutError
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
-TENSORBOARD_LOGDIR_ENV = "DIGILUT_TENSORBOARD_LOGDIR"  # set by the runtime ConfigMap (digilut.ops.k8s)
+TENSORBOARD_LOGDIR_ENV = "DIGILUT_TENSORBOARD_LOGDIR"  # set by the runtime ConfigMap (digilut.k8s)
 # MLflow error codes of a server that is up but cannot serve now: worth retrying later.
 _TRANSIENT_CODES = frozenset(
     {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}

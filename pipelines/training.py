@@ -20,10 +20,10 @@ from kfp import dsl, kubernetes
 
 from components.data import extract, ingest, label, list_source, merge, split_patients
 from components.model import evaluate, predict, start_tracking, train_fold
+from digilut import k8s
 from digilut.boxes import BoxesConfig
 from digilut.extract import ExtractConfig
 from digilut.labels import LabelConfig
-from digilut.ops import k8s
 from digilut.predict import PredictConfig
 from digilut.split import SplitConfig
 from digilut.train_config import TrainConfig

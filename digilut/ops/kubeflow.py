@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from digilut import k8s
 from digilut.errors import ConfigError
-from digilut.ops import k8s
 
 log = logging.getLogger(__name__)
 COMPILED_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "compiled"

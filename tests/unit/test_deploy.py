@@ -24,8 +24,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from digilut import k8s
 from digilut.container_images import image
-from digilut.ops import k8s
+from digilut.ops import cluster_checks as checks
 from digilut.ops.kubeflow import SubmitConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,7 +99,7 @@ def _find(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 def _containers(objs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
     for obj in objs:
-        spec = k8s.pod_spec_of(obj)
+        spec = checks.pod_spec_of(obj)
         if spec is not None:
             for c in [*(spec.get("initContainers") or []), *spec["containers"]]:
                 yield f"{obj['kind']}/{obj['metadata']['name']}/{c['name']}", c
@@ -158,20 +159,22 @@ def test_strict_validation_rejects_a_misspelt_field() -> None:
 
 def test_every_pod_meets_the_restricted_profile(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     overlay, objs = rendered
-    specs = [(o["metadata"]["name"], k8s.pod_spec_of(o)) for o in objs if k8s.pod_spec_of(o) is not None]
+    specs = [
+        (o["metadata"]["name"], checks.pod_spec_of(o)) for o in objs if checks.pod_spec_of(o) is not None
+    ]
     assert len(specs) == 3
     for name, spec in specs:
-        assert k8s.pod_spec_violations(spec) == [], f"{overlay}: {name}"
+        assert checks.pod_spec_violations(spec) == [], f"{overlay}: {name}"
         assert spec.get("automountServiceAccountToken") is False, name
         assert not any("hostPath" in v for v in spec.get("volumes", [])), name
 
 
 def test_base_pods_meet_the_restricted_profile_without_kubectl() -> None:
-    specs = [k8s.pod_spec_of(o) for o in _base_objects()]
+    specs = [checks.pod_spec_of(o) for o in _base_objects()]
     specs = [s for s in specs if s is not None]
     assert len(specs) == 3
     for spec in specs:
-        assert k8s.pod_spec_violations(spec) == []
+        assert checks.pod_spec_violations(spec) == []
 
 
 def test_restricted_check_names_each_violation() -> None:
@@ -192,7 +195,7 @@ def test_restricted_check_names_each_violation() -> None:
             }
         ],
     }
-    found = "\n".join(k8s.pod_spec_violations(bad))
+    found = "\n".join(checks.pod_spec_violations(bad))
     for expected in (
         "hostNetwork",
         "hostPath",
@@ -227,7 +230,7 @@ def test_restricted_check_names_each_violation() -> None:
             }
         ],
     }
-    assert k8s.pod_spec_violations(good) == []
+    assert checks.pod_spec_violations(good) == []
 
 
 def test_every_container_has_probes_and_a_pinned_image(rendered: tuple[str, list[dict[str, Any]]]) -> None:
@@ -385,17 +388,19 @@ def _compiled_platform_specs() -> dict[str, dict[str, Any]]:
     return specs
 
 
-def _run_references(objs: list[dict[str, Any]]) -> list[k8s.ObjectRef]:
+def _run_references(objs: list[dict[str, Any]]) -> list[checks.ObjectRef]:
     """Everything a run's pods read by name: what the compiled pipelines mount, the ServiceAccount
     `digilut submit` runs them as, kfp-launcher (the keys the launcher reads) and its secretRefs."""
     specs = _compiled_platform_specs()
     assert set(specs) == {"training", "inference"}
-    refs = [ref for spec in specs.values() for ref in k8s.pipeline_references(spec)]
+    refs = [ref for spec in specs.values() for ref in checks.pipeline_references(spec)]
     refs.append(
-        k8s.ObjectRef("ServiceAccount", SubmitConfig(host="http://kfp").service_account, by="digilut submit")
+        checks.ObjectRef(
+            "ServiceAccount", SubmitConfig(host="http://kfp").service_account, by="digilut submit"
+        )
     )
     refs.append(
-        k8s.ObjectRef(
+        checks.ObjectRef(
             "ConfigMap",
             k8s.KFP_LAUNCHER_CONFIGMAP,
             frozenset({"defaultPipelineRoot", "providers"}),
@@ -406,7 +411,7 @@ def _run_references(objs: list[dict[str, Any]]) -> list[k8s.ObjectRef]:
         o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == k8s.KFP_LAUNCHER_CONFIGMAP
     ]
     for launcher in launchers:
-        refs += k8s.launcher_references(launcher)
+        refs += checks.launcher_references(launcher)
     return refs
 
 
@@ -428,7 +433,7 @@ def test_every_object_a_run_references_exists_where_its_pods_run(
     assert kinds == {"Secret", "ConfigMap", "ServiceAccount"}
     assert any(r.name == k8s.S3_SECRET_NAME and r.keys == set(k8s.S3_SECRET_KEYS) for r in refs)
     assert any(r.name == k8s.RUNTIME_CONFIGMAP and r.keys == set(k8s.RUNTIME_ENV_KEYS) for r in refs)
-    assert k8s.missing_references(objs, _pod_namespace(overlay), refs) == [], overlay
+    assert checks.missing_references(objs, _pod_namespace(overlay), refs) == [], overlay
 
 
 def test_the_reference_check_names_what_is_missing(manifests_copy: Path) -> None:
@@ -437,20 +442,20 @@ def test_the_reference_check_names_what_is_missing(manifests_copy: Path) -> None
     objs = _kustomize(manifests_copy / "overlays" / "prod")
     refs = _run_references(objs)
     # the same objects in another namespace are no use to the run's pods
-    found = k8s.missing_references(objs, "kubeflow", refs)
+    found = checks.missing_references(objs, "kubeflow", refs)
     assert any("no ServiceAccount 'digilut-pipeline' in namespace kubeflow" in m for m in found)
     assert any("no ConfigMap 'kfp-launcher' in namespace kubeflow" in m for m in found)
     # a key a task reads is gone from the ConfigMap
     env = _find(objs, "ConfigMap", k8s.RUNTIME_CONFIGMAP)
     del env["data"]["DIGILUT_BUCKET"]
     env_refs = [r for r in refs if r.name == k8s.RUNTIME_CONFIGMAP]
-    found = k8s.missing_references(objs, "digilut", refs)
+    found = checks.missing_references(objs, "digilut", refs)
     assert len(found) == len(env_refs) >= 2
     assert all("lacks keys ['DIGILUT_BUCKET']" in m and "exec-" in m for m in found)
     # a pull secret the pipeline's ServiceAccount lists must be there too
     _find(objs, "ServiceAccount", k8s.PIPELINE_SERVICE_ACCOUNT)["imagePullSecrets"] = [{"name": "nope"}]
     sa = [r for r in refs if r.kind == "ServiceAccount"]
-    (msg,) = k8s.missing_references(objs, "digilut", sa)
+    (msg,) = checks.missing_references(objs, "digilut", sa)
     assert msg.startswith("Secret/nope (used by ServiceAccount/digilut-pipeline imagePullSecrets): no Secret")
 
 
@@ -474,7 +479,7 @@ def test_pipeline_references_read_every_kfp_kubernetes_field() -> None:
             }
         }
     }
-    refs = {(r.kind, r.name, r.keys) for r in k8s.pipeline_references(spec)}
+    refs = {(r.kind, r.name, r.keys) for r in checks.pipeline_references(spec)}
     assert ("Secret", "vol-secret", frozenset()) in refs
     assert ("ConfigMap", "vol-cm", frozenset()) in refs
     assert ("Secret", "pull", frozenset()) in refs
@@ -535,10 +540,12 @@ def test_mlflow_is_reachable_from_the_pipeline_namespace_and_postgres_only_from_
     mlflow = _find(objs, "Deployment", "mlflow")
     postgres = _find(objs, "StatefulSet", "mlflow-postgres")
     tensorboard = _find(objs, "Deployment", "tensorboard")
-    mlflow_pod = dict(k8s.pod_labels_of(mlflow))
+    mlflow_pod = dict(checks.pod_labels_of(mlflow))
 
     def allowed(target: dict[str, Any], port: int, labels: dict[str, str], namespace: str) -> bool:
-        return k8s.ingress_allowed(policies, target, port, source_labels=labels, source_namespace=namespace)
+        return checks.ingress_allowed(
+            policies, target, port, source_labels=labels, source_namespace=namespace
+        )
 
     assert allowed(mlflow, k8s.MLFLOW_PORT, PIPELINE_POD, ns)
     assert not allowed(mlflow, k8s.MLFLOW_PORT, PIPELINE_POD, "someone-else")
@@ -553,12 +560,12 @@ def test_mlflow_is_reachable_from_the_pipeline_namespace_and_postgres_only_from_
     # every Service's pods are behind a policy
     for svc in (o for o in objs if o["kind"] == "Service"):
         selected = [
-            p for p in policies if k8s.selector_matches(p["spec"]["podSelector"], svc["spec"]["selector"])
+            p for p in policies if checks.selector_matches(p["spec"]["podSelector"], svc["spec"]["selector"])
         ]
         assert selected, f"Service/{svc['metadata']['name']} has no NetworkPolicy"
     # servers opt out of the Istio sidecar profile namespaces inject (KFP's task pods have none)
     for workload in (mlflow, postgres, tensorboard):
-        assert k8s.pod_labels_of(workload)["sidecar.istio.io/inject"] == "false"
+        assert checks.pod_labels_of(workload)["sidecar.istio.io/inject"] == "false"
 
 
 def test_ingress_model_follows_kubernetes_semantics() -> None:
@@ -582,7 +589,7 @@ def test_ingress_model_follows_kubernetes_semantics() -> None:
         }
 
     def allowed(policies: list[dict[str, Any]], ns: str = "a", labels: dict[str, str] | None = None) -> bool:
-        return k8s.ingress_allowed(
+        return checks.ingress_allowed(
             policies, target, 80, source_labels=labels or {"x": "y"}, source_namespace=ns
         )
 
@@ -639,11 +646,11 @@ def test_private_registry_option_puts_the_pull_secret_on_both_service_accounts(
     tensorboard = _find(objs, "Deployment", "tensorboard")["spec"]["template"]["spec"]
     assert tensorboard["serviceAccountName"] == k8s.SERVER_SERVICE_ACCOUNT
     refs = [
-        k8s.ObjectRef("ServiceAccount", sa)
+        checks.ObjectRef("ServiceAccount", sa)
         for sa in (k8s.PIPELINE_SERVICE_ACCOUNT, k8s.SERVER_SERVICE_ACCOUNT)
     ]
-    assert k8s.missing_references(objs, _pod_namespace(overlay), refs) == []
-    assert k8s.missing_references(objs, _pod_namespace(overlay), _run_references(objs)) == []
+    assert checks.missing_references(objs, _pod_namespace(overlay), refs) == []
+    assert checks.missing_references(objs, _pod_namespace(overlay), _run_references(objs)) == []
 
 
 # --- no secret committed ----------------------------------------------------------------------------

@@ -19,10 +19,10 @@ import torch
 import yaml
 from patch_fixtures import make_patch_manifest
 
+from digilut import k8s
 from digilut.data import to_model_input
 from digilut.manifest import read_manifest
 from digilut.model import build_model, gpu_required, load_model, select_device
-from digilut.ops import k8s
 from digilut.predict import PredictConfig, amp_dtype, predict_patches, safe_auroc
 from digilut.train import TrainConfig, _loss, train_fold
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from digilut.ops import k8s
+from digilut import k8s
 from digilut.ops.kubeflow import COMPILED_DIR
 
 # executor -> whether it writes large files (slides, shards, the local copy of fetched patches)

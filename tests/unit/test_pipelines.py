@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from digilut.ops import k8s
+from digilut import k8s
 
 ROOT = Path(__file__).parents[2]
 COMPILED = ROOT / "pipelines" / "compiled"
