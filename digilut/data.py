@@ -43,6 +43,7 @@ from torch.utils.data import (
 
 from digilut.errors import ConfigError, ShardError
 from digilut.shards import ShardReader, decode_jpeg
+from digilut.stain import FIT_PATCHES, reinhard_normalise, tissue_lab_stats
 from digilut.train_config import SAMPLERS, ColourAugment
 
 log = logging.getLogger(__name__)
@@ -388,8 +389,6 @@ def to_model_input(
     if x.shape[-1] != input_px or x.shape[-2] != input_px:
         x = F.interpolate(x, size=(input_px, input_px), mode="bilinear", antialias=True, align_corners=False)
     if stain is not None:
-        from digilut.stain import reinhard_normalise
-
         x = reinhard_normalise(x, stain)
     if augment is not None:
         if generator is None:
@@ -399,3 +398,24 @@ def to_model_input(
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def slide_stain_stats(
+    root: str | Path, rows: pd.DataFrame, fit_patches: int = FIT_PATCHES
+) -> dict[str, np.ndarray]:
+    """Per slide of ``rows`` (manifest rows; shards relative to ``root``): its tissue LAB statistics
+    (``2×3``), fitted on up to ``fit_patches`` of its patches spread evenly over its rows."""
+    out: dict[str, np.ndarray] = {}
+    for slide, part in rows.groupby("slide", sort=True):
+        pick = np.unique(np.linspace(0, len(part) - 1, min(len(part), fit_patches)).round().astype(int))
+        batch = PatchDataset(root, part.iloc[pick], augment=False).__getitems__(range(len(pick)))
+        out[str(slide)] = tissue_lab_stats(batch.images).numpy()
+        mean, std = out[str(slide)]
+        log.info(
+            "stain: %s LAB mean %.1f/%.1f/%.1f, std %.1f/%.1f/%.1f over %d patches",
+            slide,
+            *mean,
+            *std,
+            len(pick),
+        )
+    return out

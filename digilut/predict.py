@@ -158,7 +158,8 @@ def predict_patches(
         )
         stain = None
         if ensemble.needs_stain:  # each slide's stain fitted on its patches, as in training
-            from digilut.stain import row_stain_stats, slide_stain_stats
+            from digilut.data import slide_stain_stats
+            from digilut.stain import row_stain_stats
 
             stain = row_stain_stats(out, slide_stain_stats(root, out))
         t0 = time.perf_counter()

@@ -7,7 +7,7 @@ tissue pixels (near-white background excluded) and rescaled to the reference's, 
 back to RGB; background pixels (lighter than ``TISSUE_MAX_L``) are left as they are, with a soft
 edge, so glass stays white whatever the slide's stain. The slide statistics are fitted on up to
 :data:`FIT_PATCHES` of the slide's tissue patches, spread evenly over its manifest rows, by
-:func:`slide_stain_stats`; training and prediction both use it, and the model file records
+:func:`digilut.data.slide_stain_stats`; training and prediction both use it, and the model file records
 ``stain_norm`` (:class:`ModelSpec`), so a model always sees its inputs normalised as in training.
 
 The arithmetic is batched torch on the device (:func:`reinhard_normalise`, called by
@@ -17,7 +17,6 @@ The arithmetic is batched torch on the device (:func:`reinhard_normalise`, calle
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -83,29 +82,6 @@ def reinhard_normalise(
     # glass stays as it is: the mapping fades out over ±4 L around the tissue/background cut
     tissue = ((TISSUE_MAX_L + 4.0 - lab[:, :1]) / 8.0).clamp(0.0, 1.0)
     return lab_to_rgb(tissue * mapped + (1.0 - tissue) * lab)
-
-
-def slide_stain_stats(
-    root: str | Path, rows: pd.DataFrame, fit_patches: int = FIT_PATCHES
-) -> dict[str, np.ndarray]:
-    """Per slide of ``rows`` (manifest rows; shards relative to ``root``): its tissue LAB statistics
-    (``2×3``), fitted on up to ``fit_patches`` of its patches spread evenly over its rows."""
-    from digilut.data import PatchDataset
-
-    out: dict[str, np.ndarray] = {}
-    for slide, part in rows.groupby("slide", sort=True):
-        pick = np.unique(np.linspace(0, len(part) - 1, min(len(part), fit_patches)).round().astype(int))
-        batch = PatchDataset(root, part.iloc[pick], augment=False).__getitems__(range(len(pick)))
-        out[str(slide)] = tissue_lab_stats(batch.images).numpy()
-        mean, std = out[str(slide)]
-        log.info(
-            "stain: %s LAB mean %.1f/%.1f/%.1f, std %.1f/%.1f/%.1f over %d patches",
-            slide,
-            *mean,
-            *std,
-            len(pick),
-        )
-    return out
 
 
 def row_stain_stats(rows: pd.DataFrame, by_slide: dict[str, np.ndarray]) -> torch.Tensor:

@@ -395,7 +395,8 @@ def train_fold(
     val_set = PatchDataset(root, data.val, augment=False)
     stain_train = stain_val = None
     if cfg.stain_norm == "reinhard":  # fitted on every patch row of the fold's slides, as predict does
-        from digilut.stain import row_stain_stats, slide_stain_stats
+        from digilut.data import slide_stain_stats
+        from digilut.stain import row_stain_stats
 
         slides = set(data.train["slide"]) | set(data.val["slide"])
         fitted = slide_stain_stats(root, df[df["slide"].isin(slides)])
