@@ -24,7 +24,7 @@ from digilut.extract import (
     extract_slides,
     prepare_dataset,
 )
-from digilut.ingest import fetch_slides
+from digilut.locations import fetch_slides
 from digilut.manifest import read_manifest, read_patch
 from digilut.slide import LevelReader, read_slide_info
 from digilut.synth import SynthConfig, plan_slide, write_slide
