@@ -130,7 +130,7 @@ def test_grid_off_the_tile_grid_is_re_encoded(tmp_path, tiny_data, caplog):
 
 
 def test_mean_rgb_is_numpys_mean_colour():
-    from digilut.extract import mean_rgb
+    from digilut.garbled import mean_rgb
 
     px = np.random.default_rng(0).integers(0, 256, (527, 301, 3), dtype=np.uint8)
     assert np.allclose(mean_rgb(px), px.reshape(-1, 3).mean(axis=0), rtol=0, atol=1e-9)

@@ -16,14 +16,12 @@ import tifffile
 
 from digilut.errors import SlideMetadataError, SlideReadError, UnsafePathError
 from digilut.extract import (
-    GARBLED_MEAN_DIFF,
     ExtractConfig,
-    LevelCalibration,
-    calibrate_levels,
     extract_slide,
     extract_slides,
     prepare_dataset,
 )
+from digilut.garbled import GARBLED_MEAN_DIFF, LevelCalibration, calibrate_levels
 from digilut.locations import fetch_slides
 from digilut.manifest import read_manifest, read_patch
 from digilut.slide import LevelReader, read_slide_info
