@@ -17,7 +17,8 @@ from digilut.manifest import read_manifest, read_patch
 from digilut.reference_data import cmu_small_region_svs
 from digilut.shards import iter_shard
 from digilut.slide import LevelReader, decode_scale_for, read_slide_info, reduce_box
-from digilut.synth import SynthConfig, plan_slide, write_slide
+from digilut.synth_plan import SynthConfig, plan_slide
+from digilut.synth_render import write_slide
 
 # Mean absolute difference (0-255) between a patch read by DCT-domain scaled decoding (1/2, then a
 # 1.03× BOX resize) and the same patch decoded in full and BOX-resized 2.06×, after our q90 JPEG

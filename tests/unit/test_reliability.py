@@ -25,7 +25,8 @@ from digilut.garbled import GARBLED_MEAN_DIFF, LevelCalibration, calibrate_level
 from digilut.locations import fetch_slides
 from digilut.manifest import read_manifest, read_patch
 from digilut.slide import LevelReader, read_slide_info
-from digilut.synth import SynthConfig, plan_slide, write_slide
+from digilut.synth_plan import SynthConfig, plan_slide
+from digilut.synth_render import write_slide
 
 MPP = 0.25
 RES = {"resolution": (1e4 / MPP, 1e4 / MPP), "resolutionunit": "CENTIMETER"}

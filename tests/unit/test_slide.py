@@ -10,7 +10,8 @@ from digilut.errors import SlideMetadataError, SlideNotFoundError, SlideReadErro
 from digilut.extract import ExtractConfig, extract_slide
 from digilut.reference_data import cmu_small_region_svs
 from digilut.slide import LevelReader, choose_level, read_slide_info
-from digilut.synth import SynthConfig, plan_slide, write_slide
+from digilut.synth_plan import SynthConfig, plan_slide
+from digilut.synth_render import write_slide
 
 
 @pytest.fixture(scope="module")

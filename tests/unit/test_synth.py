@@ -8,7 +8,8 @@ import tifffile
 
 from digilut.annotations import list_slides, read_boxes_csv
 from digilut.errors import ConfigError
-from digilut.synth import SynthConfig, plan_slide, synth_dataset
+from digilut.synth import synth_dataset
+from digilut.synth_plan import SynthConfig, plan_slide
 
 
 def test_dataset_layout_csv_and_pyramid(tiny_data):
