@@ -45,10 +45,11 @@ from digilut.cpus import available_cpus
 from digilut.errors import ConfigError, DigilutError, SlideReadError, TissueNotFoundError
 from digilut.files import atomic_write, file_sha256
 from digilut.labels import LabelConfig, label_patches
+from digilut.level_reader import CACHE_BYTES
 from digilut.manifest import EXTRACT_COLUMNS, MANIFEST_NAME, conform, write_manifest
 from digilut.patch_reader import MASK_PX, CellReads, Grid, ReadPlan, lay_grid, read_overview, read_patches
 from digilut.shards import write_shard
-from digilut.slide import CACHE_BYTES, choose_level, read_slide_info
+from digilut.slide import choose_level, read_slide_info
 from digilut.tissue import shrink, tissue_mask
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from digilut.slide import LevelReader, SlideInfo
+from digilut.level_reader import LevelReader
+from digilut.slide import SlideInfo
 
 log = logging.getLogger(__name__)
 

@@ -22,15 +22,9 @@ from PIL import Image
 
 from digilut.errors import SlideReadError
 from digilut.garbled import Reference, find_garbled, mean_rgb, reference_level
+from digilut.level_reader import CACHE_BYTES, LevelReader, decode_jpeg_scaled
 from digilut.shards import decode_jpeg
-from digilut.slide import (
-    CACHE_BYTES,
-    LevelChoice,
-    LevelReader,
-    SlideInfo,
-    decode_jpeg_scaled,
-    decode_scale_for,
-)
+from digilut.slide import LevelChoice, SlideInfo, decode_scale_for
 
 log = logging.getLogger(__name__)
 MASK_PX = 4096  # long side (at most) of the overview pyFAST segments tissue on

@@ -13,10 +13,11 @@ from PIL import Image
 from slide_fixtures import write_pyramid
 
 from digilut.extract import ExtractConfig, extract_slide
+from digilut.level_reader import LevelReader, reduce_box
 from digilut.manifest import read_manifest, read_patch
 from digilut.reference_data import cmu_small_region_svs
 from digilut.shards import iter_shard
-from digilut.slide import LevelReader, decode_scale_for, read_slide_info, reduce_box
+from digilut.slide import decode_scale_for, read_slide_info
 from digilut.synth_plan import SynthConfig, plan_slide
 from digilut.synth_render import write_slide
 

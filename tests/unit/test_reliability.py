@@ -22,9 +22,10 @@ from digilut.extract import (
     prepare_dataset,
 )
 from digilut.garbled import GARBLED_MEAN_DIFF, LevelCalibration, calibrate_levels
+from digilut.level_reader import LevelReader
 from digilut.locations import fetch_slides
 from digilut.manifest import read_manifest, read_patch
-from digilut.slide import LevelReader, read_slide_info
+from digilut.slide import read_slide_info
 from digilut.synth_plan import SynthConfig, plan_slide
 from digilut.synth_render import write_slide
 
