@@ -1,4 +1,4 @@
-"""Locations: "a local folder or an ``s3://`` prefix", the one place that tells them apart.
+"""Locations: "a local folder or an ``s3://`` prefix", where steps read data and publish results.
 
 Steps read their inputs from and write their results to either kind of location. This module turns
 a location URI into S3 settings and a prefix (:func:`s3_target`), fetches a top-level file or a
