@@ -38,7 +38,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from digilut.boxes import BoxesConfig, slide_boxes, tune_boxes
+from digilut.box_tuning import tune_boxes
+from digilut.boxes import BoxesConfig, slide_boxes
 from digilut.heatmap import build_heatmaps
 from digilut.render import render_heatmap_png
 from digilut.score import score_slides

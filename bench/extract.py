@@ -42,7 +42,8 @@ def make_slide(data: Path, size: str = "full") -> Path:
     """One synthetic slide of ``size`` and its train.csv (made once, then reused)."""
     import pandas as pd
 
-    from digilut.synth import SynthConfig, patient_names, plan_slide, write_slide
+    from digilut.synth_plan import SynthConfig, patient_names, plan_slide
+    from digilut.synth_render import write_slide
 
     name = f"{patient_names(1, 42)[0]}_a.tif"
     path = data / "images" / name

@@ -86,7 +86,8 @@ def write_slide_type(kind: str, level0: np.ndarray, path: Path) -> Path:
 
 
 def _base_image(work: Path, size: str) -> np.ndarray:
-    from digilut.synth import SynthConfig, plan_slide, write_slide
+    from digilut.synth_plan import SynthConfig, plan_slide
+    from digilut.synth_render import write_slide
 
     path = work / f"synth-{size}.tif"
     if not path.is_file():

@@ -83,7 +83,8 @@ def prepare_data(out: Path) -> tuple[Path, Path, Path, Path]:
     from digilut.extract import ExtractConfig, prepare_dataset
     from digilut.manifest import read_manifest, write_manifest
     from digilut.split import SplitConfig, split_dataset
-    from digilut.synth import SynthConfig, synth_dataset
+    from digilut.synth import synth_dataset
+    from digilut.synth_plan import SynthConfig
 
     sc = _scale()
     train_raw, held_raw = out / "synth-train", out / "synth-heldout"

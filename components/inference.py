@@ -45,7 +45,7 @@ def submission(
     from pathlib import Path
 
     from digilut.boxes import BoxesConfig
-    from digilut.steps.common import publish_results
+    from digilut.locations import publish_results
     from digilut.steps.submission import submission_step
 
     path = submission_step(

@@ -5,7 +5,7 @@
 1. the patch threshold maximising F1 on the out-of-fold predictions (``oof``), and the patch
    metrics of the test patches at that threshold, next to the original method's figures;
 2. the box post-processing (:class:`~digilut.boxes.BoxesConfig`) tuned on the out-of-fold slides
-   (:func:`~digilut.boxes.tune_boxes`) when their truth boxes are given, else the default;
+   (:func:`~digilut.box_tuning.tune_boxes`) when their truth boxes are given, else the default;
 3. exactly N boxes per test slide (N = its number of truth boxes, or ``counts``) and the mean F2.
 """
 
@@ -20,7 +20,8 @@ from typing import Any
 
 import pandas as pd
 
-from digilut.boxes import BoxesConfig, slide_boxes, tune_boxes
+from digilut.box_tuning import tune_boxes
+from digilut.boxes import BoxesConfig, slide_boxes
 from digilut.files import atomic_write
 from digilut.predict import ORIGINAL_METHOD, PatchMetrics, patch_metrics, tune_threshold
 from digilut.score import ScoreResult, score_slides

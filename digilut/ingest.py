@@ -1,4 +1,4 @@
-"""Ingest: find the slides and annotations of a data source and fetch slides for a worker.
+"""Ingest: find the slides and annotations of a data source and cut them into extraction batches.
 
 A data source is a local folder or an S3 prefix with the same layout::
 
@@ -9,8 +9,8 @@ A data source is a local folder or an S3 prefix with the same layout::
 modification time in a folder): the pipeline's uncached first step, whose value is the cache key of
 everything after it. ``ingest_data`` validates ``train.csv`` against the listed slides (bad rows
 dropped and reported) and cuts them into batches for parallel extraction, each slide with its
-version. ``fetch_slides`` gives a worker local paths for its batch: the files themselves for a local
-source, downloads for S3; ``check_version`` refuses a slide changed since it was listed.
+version. ``check_version`` refuses a slide changed since it was listed; a worker fetches its batch with
+:func:`digilut.locations.fetch_slides`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import pandas as pd
 from digilut.annotations import (
     BOX_COLUMNS,
     SLIDE_SUFFIXES,
-    check_slide_name,
     list_slides,
     patient_of,
     read_boxes_csv,
@@ -34,27 +33,14 @@ from digilut.annotations import (
 )
 from digilut.errors import ConfigError, SlideChangedError, SlideNotFoundError
 from digilut.files import atomic_write
+from digilut.locations import fetch_file, is_s3, s3_target
 
 if TYPE_CHECKING:
-    from digilut.storage import S3Config
+    from digilut.s3config import S3Config
 
 log = logging.getLogger(__name__)
 BOXES_NAME = "boxes.csv"
 INGEST_NAME = "ingest.json"
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def s3_target(uri: str) -> tuple[S3Config, str]:
-    """The S3 settings (bucket from the URI, endpoint and keys from the environment) and prefix."""
-    from dataclasses import replace
-
-    from digilut.storage import S3Config, parse_s3_uri
-
-    bucket, prefix = parse_s3_uri(uri)
-    return replace(S3Config.from_env(), bucket=bucket), prefix.strip("/")
 
 
 @dataclass(frozen=True)
@@ -170,39 +156,6 @@ def check_version(data_uri: str, rel: str, obj: SourceObject) -> None:
             f"{data_uri}/{rel} changed since it was listed (size {obj.size} → {now.size}, "
             f"ETag {obj.etag} → {now.etag}): run the pipeline again"
         )
-
-
-def fetch_file(data_uri: str, name: str, dest: Path) -> Path | None:
-    """A top-level file of the source (e.g. ``train.csv``) as a local path; None when absent."""
-    if not is_s3(data_uri):
-        p = Path(data_uri) / name
-        return p if p.is_file() else None
-    from digilut.storage import download_file, list_keys
-
-    cfg, prefix = s3_target(data_uri)
-    key = f"{prefix}/{name}" if prefix else name
-    if key not in list_keys(cfg, key):
-        return None
-    return download_file(cfg, key, dest / name)
-
-
-def fetch_slides(data_uri: str, names: list[str], dest: Path) -> dict[str, Path]:
-    """Local paths of the slides ``names``: in place for a folder, downloaded into ``dest`` for S3."""
-    paths: dict[str, Path] = {}
-    for name in names:
-        check_slide_name(name)  # before any path join
-        if not is_s3(data_uri):
-            p = Path(data_uri) / "images" / name
-            if not p.is_file():
-                raise SlideNotFoundError(f"{p}: slide not found")
-            paths[name] = p
-            continue
-        from digilut.storage import download_file
-
-        cfg, prefix = s3_target(data_uri)
-        key = f"{prefix}/images/{name}" if prefix else f"images/{name}"
-        paths[name] = download_file(cfg, key, dest / "images" / name)
-    return paths
 
 
 @dataclass

@@ -309,7 +309,8 @@ def build_model(spec: ModelSpec, weights: str = "auto") -> PatchClassifier:
         model.backbone.load_state_dict(state)  # torchvision's own file: every key must fit
         model.init = BackboneInit("imagenet", str(path), file_sha256(path))
     elif weights.startswith("s3://"):
-        from digilut.storage import S3Config, download_file, parse_s3_uri
+        from digilut.s3config import S3Config, parse_s3_uri
+        from digilut.storage import download_file
 
         bucket, key = parse_s3_uri(weights)
         cfg = dataclasses.replace(S3Config.from_env(), bucket=bucket)

@@ -27,6 +27,7 @@ from PIL import Image
 
 from digilut.errors import ShardError
 from digilut.files import atomic_write
+from digilut.locations import is_s3, s3_target
 
 MAGIC = b"DLSHARD1"
 SHARD_SUFFIX = ".shard"
@@ -170,7 +171,7 @@ class ShardReader:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
         self.root = str(root)
-        self.is_s3 = self.root.startswith("s3://")
+        self.is_s3 = is_s3(self.root)
         if self.is_s3:
             self.root = self.root.rstrip("/")
         self.max_gap_bytes = max_gap_bytes
@@ -214,7 +215,6 @@ class ShardReader:
 
     def _client(self) -> tuple[Any, Any, str]:
         if self._s3 is None:
-            from digilut.ingest import s3_target
             from digilut.storage import s3_client
 
             cfg, prefix = s3_target(self.root)
@@ -304,8 +304,7 @@ def publish_shard(path: str | Path, store: str, name: str) -> bool:
     False when an object of that name and size is already there (names are content-addressed)."""
     path = Path(path)
     size = path.stat().st_size
-    if store.startswith("s3://"):
-        from digilut.ingest import s3_target
+    if is_s3(store):
         from digilut.storage import object_size, upload_file
 
         cfg, prefix = s3_target(store)

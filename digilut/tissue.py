@@ -117,7 +117,7 @@ def tissue_mask(
     A pixel is tissue when its distance from white (255,255,255) exceeds ``threshold`` and it is not
     pure black (scan borders); the mask is then dilated by ``dilation_px`` and eroded by
     ``erosion_px`` (mask pixels). The overview is the slide's coarsest level or a streamed, shrunk
-    copy of it (see :func:`digilut.extract.extract_slide`), so every slide — tiled, striped or
+    copy of it (see :func:`digilut.patch_reader.read_overview`), so every slide — tiled, striped or
     non-pyramidal — gets the same rule; on a tiled pyramid the mask equals pyFAST's own
     ``WholeSlideImageImporter`` result (tested).
     """

@@ -215,7 +215,7 @@ def sync_events(tensorboard_dir: Path, dest: str) -> None:
         return
     try:
         if dest.startswith("s3://"):
-            from digilut.ingest import s3_target
+            from digilut.locations import s3_target
             from digilut.storage import upload_dir
 
             cfg, prefix = s3_target(dest)

@@ -36,12 +36,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from digilut.errors import ConfigError, StorageError
-
-if TYPE_CHECKING:
-    from digilut.storage import S3Config
+from digilut.s3config import S3Config
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,8 @@ def one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory):
     """A tiny synthetic DigiLut dataset (3 patients, 6 slides) made once per test session."""
-    from digilut.synth import SynthConfig, synth_dataset
+    from digilut.synth import synth_dataset
+    from digilut.synth_plan import SynthConfig
 
     out = tmp_path_factory.mktemp("tiny_data")
     synth_dataset(out, SynthConfig(patients=3, seed=1, size="tiny", positive_fraction=0.7))

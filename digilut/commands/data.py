@@ -27,7 +27,8 @@ def synth(
     ),
 ) -> None:
     """Write synthetic DigiLut-like slides (pyramidal tiled-JPEG TIFFs at 0.25 µm/px) and their boxes."""
-    from digilut.synth import SynthConfig, synth_dataset
+    from digilut.synth import synth_dataset
+    from digilut.synth_plan import SynthConfig
 
     try:
         df = synth_dataset(out, SynthConfig(patients=patients, seed=seed, size=size, realism=realism))  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from digilut.errors import DigilutError
 
 if TYPE_CHECKING:
     from digilut.ops.services import Service
-    from digilut.storage import S3Config
+    from digilut.s3config import S3Config
 
 STATE_DIR = Path(".digilut-services")
 
@@ -143,7 +143,8 @@ def services_down(
 
 def _cfg(uri: str) -> tuple[S3Config, str]:
     """S3 settings for ``s3://bucket/prefix`` (endpoint and keys from the environment), checked."""
-    from digilut.storage import S3Config, check_bucket, parse_s3_uri
+    from digilut.s3config import S3Config, parse_s3_uri
+    from digilut.storage import check_bucket
 
     bucket, prefix = parse_s3_uri(uri)
     cfg = S3Config.from_env(bucket=bucket)

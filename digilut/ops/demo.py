@@ -51,7 +51,8 @@ def run_demo(
     from digilut.errors import ConfigError
     from digilut.ops.services import running_saved, save_state, start_mlflow, start_s3, write_env_file
     from digilut.storage import upload_dir
-    from digilut.synth import SynthConfig, synth_dataset
+    from digilut.synth import synth_dataset
+    from digilut.synth_plan import SynthConfig
 
     work = Path(work).resolve()
     state_file = work / "services.json"

@@ -209,7 +209,7 @@ def _local_or_s3(uri: str) -> str:
 def _collect(results_uri: str | None, results: Path, out: Path, names: tuple[str, ...]) -> None:
     """Bring the published results into ``results`` (from S3) and copy ``names`` into ``out``."""
     if results_uri and results_uri.startswith("s3://"):
-        from digilut.ingest import s3_target
+        from digilut.locations import s3_target
         from digilut.storage import download_prefix
 
         cfg, prefix = s3_target(results_uri)

@@ -35,7 +35,8 @@ from pathlib import Path
 from types import TracebackType
 
 from digilut.errors import ConfigError, ServiceError
-from digilut.storage import S3Config, s3_client
+from digilut.s3config import S3Config
+from digilut.storage import s3_client
 
 log = logging.getLogger(__name__)
 

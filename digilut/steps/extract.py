@@ -17,8 +17,8 @@ from digilut.files import atomic_write
 from digilut.ingest import (
     SourceObject,
     check_version,
-    fetch_slides,
 )
+from digilut.locations import fetch_slides
 from digilut.manifest import (
     write_manifest,
     write_shard_store,

@@ -35,7 +35,7 @@ def fetch_models_step(model_uri: str, models: Path) -> list[Path]:
             )
         )
     elif model_uri.startswith("s3://"):
-        from digilut.ingest import s3_target
+        from digilut.locations import s3_target
         from digilut.storage import download_prefix
 
         cfg, prefix = s3_target(model_uri)

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from digilut.boxes import BOXES_CONFIG_NAME
+from digilut.locations import publish_results
 from digilut.report import RunFigures
-from digilut.steps.common import publish_results
 from digilut.tracking import Tracker, TrackingConfig
 
 if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch

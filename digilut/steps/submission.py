@@ -27,7 +27,7 @@ def submission_step(data_uri: str, predictions: Path, results: Path, cfg: BoxesC
     when present; ``cfg`` applies to an ensemble without one."""
     from digilut.annotations import expected_counts, read_test_list
     from digilut.boxes import slide_boxes
-    from digilut.ingest import fetch_file
+    from digilut.locations import fetch_file
     from digilut.submission import write_submission
 
     results.mkdir(parents=True, exist_ok=True)

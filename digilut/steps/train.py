@@ -20,7 +20,8 @@ from digilut.train_config import FoldResult, TrainConfig
 
 if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
     pass
-from digilut.steps.common import pick_device, publish_results
+from digilut.locations import publish_results
+from digilut.steps.common import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def restore_checkpoint(where: str, model_dir: Path) -> bool:
     """Copy a fold's checkpoint folder ``where`` (folder or ``s3://``) into ``model_dir``; False if none."""
     model_dir.mkdir(parents=True, exist_ok=True)
     if where.startswith("s3://"):
-        from digilut.ingest import s3_target
+        from digilut.locations import s3_target
         from digilut.storage import download_prefix
 
         s3, prefix = s3_target(where)

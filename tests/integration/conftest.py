@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from digilut.ops.services import MlflowServer, S3Server, group_pids, start_mlflow, start_s3
-from digilut.storage import S3Config
+from digilut.s3config import S3Config
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,8 @@ from digilut.manifest import read_manifest
 from digilut.ops.runner import CONTAINER_USER, run_inference_local, run_local
 from digilut.slide import read_slide_info
 from digilut.storage import upload_dir, upload_file
-from digilut.synth import SynthConfig, synth_dataset
+from digilut.synth import synth_dataset
+from digilut.synth_plan import SynthConfig
 
 DOCKER = os.environ.get("DOCKER", "docker")
 KINDS = ("base", "train")

@@ -22,7 +22,8 @@ import pandas as pd
 import pytest
 
 from digilut.ops.services import read_env_file, running_saved
-from digilut.synth import SynthConfig, synth_dataset
+from digilut.synth import synth_dataset
+from digilut.synth_plan import SynthConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CLI = [str(Path(sys.executable).parent / "digilut")]

@@ -16,7 +16,8 @@ import pytest
 
 from digilut.ops.runner import run_local
 from digilut.storage import list_keys, upload_dir
-from digilut.synth import SynthConfig, synth_dataset
+from digilut.synth import synth_dataset
+from digilut.synth_plan import SynthConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -16,8 +16,8 @@ from listening import listening_addresses
 
 from digilut.errors import StorageError
 from digilut.ops.services import S3Server, free_ports
+from digilut.s3config import S3Config
 from digilut.storage import (
-    S3Config,
     check_bucket,
     download_file,
     download_prefix,

@@ -28,7 +28,8 @@ from digilut.steps.merge import merge_step
 from digilut.steps.split import split_step
 from digilut.steps.train import train_step
 from digilut.storage import list_objects, upload_file
-from digilut.synth import SynthConfig, synth_dataset
+from digilut.synth import synth_dataset
+from digilut.synth_plan import SynthConfig
 from digilut.tracking import TrackingConfig
 from digilut.train import fold_rows
 from digilut.train_config import TrainConfig

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from digilut.ops.services import HOST, S3Server, Service, free_ports
-from digilut.storage import S3Config, list_objects
+from digilut.s3config import S3Config
+from digilut.storage import list_objects
 from digilut.tracking import Tracker, TrackingConfig
 from digilut.train import TrainConfig, train_fold
 from tests.unit.patch_fixtures import make_patch_manifest

@@ -6,16 +6,14 @@ import pytest
 from box_fixtures import oracle_patches, truth_frame
 from scipy import ndimage
 
+from digilut.box_candidates import fit_box, hysteresis_labels, relative_heatmap
+from digilut.box_spares import best_cut
+from digilut.box_tuning import tune_boxes
 from digilut.boxes import (
     BOX_COLUMNS,
     BoxesConfig,
-    best_cut,
-    fit_box,
     heatmap_to_boxes,
-    hysteresis_labels,
-    relative_heatmap,
     slide_boxes,
-    tune_boxes,
 )
 from digilut.errors import ConfigError
 from digilut.heatmap import build_heatmap

@@ -13,11 +13,13 @@ from PIL import Image
 from slide_fixtures import write_pyramid
 
 from digilut.extract import ExtractConfig, extract_slide
+from digilut.level_reader import LevelReader, reduce_box
 from digilut.manifest import read_manifest, read_patch
 from digilut.reference_data import cmu_small_region_svs
 from digilut.shards import iter_shard
-from digilut.slide import LevelReader, decode_scale_for, read_slide_info, reduce_box
-from digilut.synth import SynthConfig, plan_slide, write_slide
+from digilut.slide import decode_scale_for, read_slide_info
+from digilut.synth_plan import SynthConfig, plan_slide
+from digilut.synth_render import write_slide
 
 # Mean absolute difference (0-255) between a patch read by DCT-domain scaled decoding (1/2, then a
 # 1.03× BOX resize) and the same patch decoded in full and BOX-resized 2.06×, after our q90 JPEG
@@ -130,7 +132,7 @@ def test_grid_off_the_tile_grid_is_re_encoded(tmp_path, tiny_data, caplog):
 
 
 def test_mean_rgb_is_numpys_mean_colour():
-    from digilut.extract import mean_rgb
+    from digilut.garbled import mean_rgb
 
     px = np.random.default_rng(0).integers(0, 256, (527, 301, 3), dtype=np.uint8)
     assert np.allclose(mean_rgb(px), px.reshape(-1, 3).mean(axis=0), rtol=0, atol=1e-9)

@@ -22,7 +22,8 @@ import torch
 from patch_fixtures import make_patch_manifest
 
 from digilut.model import load_model
-from digilut.synth import SynthConfig, plan_slide, write_slide
+from digilut.synth_plan import SynthConfig, plan_slide
+from digilut.synth_render import write_slide
 from digilut.tracking import Tracker, TrackingConfig
 from digilut.train import SIGTERM_ARMED, FoldResult, TrainConfig, train_fold
 

@@ -16,18 +16,18 @@ import tifffile
 
 from digilut.errors import SlideMetadataError, SlideReadError, UnsafePathError
 from digilut.extract import (
-    GARBLED_MEAN_DIFF,
     ExtractConfig,
-    LevelCalibration,
-    calibrate_levels,
     extract_slide,
     extract_slides,
     prepare_dataset,
 )
-from digilut.ingest import fetch_slides
+from digilut.garbled import GARBLED_MEAN_DIFF, LevelCalibration, calibrate_levels
+from digilut.level_reader import LevelReader
+from digilut.locations import fetch_slides
 from digilut.manifest import read_manifest, read_patch
-from digilut.slide import LevelReader, read_slide_info
-from digilut.synth import SynthConfig, plan_slide, write_slide
+from digilut.slide import read_slide_info
+from digilut.synth_plan import SynthConfig, plan_slide
+from digilut.synth_render import write_slide
 
 MPP = 0.25
 RES = {"resolution": (1e4 / MPP, 1e4 / MPP), "resolutionunit": "CENTIMETER"}

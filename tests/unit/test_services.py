@@ -100,7 +100,7 @@ def test_weed_binary_is_found_and_runs():
 
 def test_env_file_round_trip_is_private_and_quoted(tmp_path: Path):
     from digilut.ops.services import read_env_file, write_env_file
-    from digilut.storage import S3Config
+    from digilut.s3config import S3Config
 
     cfg = S3Config("http://127.0.0.1:9000", "digilut", access_key_id="id", secret_access_key="s'e c$r\"et")
     path = write_env_file(tmp_path / "s3.env", cfg, "http://127.0.0.1:5000")

@@ -8,9 +8,11 @@ from slide_fixtures import write_pyramid
 
 from digilut.errors import SlideMetadataError, SlideNotFoundError, SlideReadError
 from digilut.extract import ExtractConfig, extract_slide
+from digilut.level_reader import LevelReader
 from digilut.reference_data import cmu_small_region_svs
-from digilut.slide import LevelReader, choose_level, read_slide_info
-from digilut.synth import SynthConfig, plan_slide, write_slide
+from digilut.slide import choose_level, read_slide_info
+from digilut.synth_plan import SynthConfig, plan_slide
+from digilut.synth_render import write_slide
 
 
 @pytest.fixture(scope="module")

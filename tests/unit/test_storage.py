@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from digilut.errors import ConfigError, UnsafePathError
-from digilut.storage import S3Config, _local_path, parse_s3_uri
+from digilut.s3config import S3Config, parse_s3_uri
+from digilut.storage import _local_path
 from digilut.transfer import MAX_PARTS, file_etag, is_transient, part_size_bytes
 
 SECRET = "very-secret-value-123"

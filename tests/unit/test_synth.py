@@ -8,7 +8,8 @@ import tifffile
 
 from digilut.annotations import list_slides, read_boxes_csv
 from digilut.errors import ConfigError
-from digilut.synth import SynthConfig, plan_slide, synth_dataset
+from digilut.synth import synth_dataset
+from digilut.synth_plan import SynthConfig, plan_slide
 
 
 def test_dataset_layout_csv_and_pyramid(tiny_data):
@@ -30,7 +31,8 @@ def test_dataset_layout_csv_and_pyramid(tiny_data):
 
 def test_each_reduced_level_is_the_area_average_of_the_finer_one(tiny_data):
     """As scanners write pyramids: the garbled-tile check compares levels, so they must agree."""
-    from digilut.slide import LevelReader, read_slide_info
+    from digilut.level_reader import LevelReader
+    from digilut.slide import read_slide_info
 
     info = read_slide_info(sorted((tiny_data / "images").iterdir())[0])
     finer = None

@@ -11,15 +11,10 @@ import tifffile
 
 from digilut.annotations import list_slides, read_boxes_csv
 from digilut.errors import ConfigError
-from digilut.synth import SynthConfig, synth_dataset
-from digilut.synth_real import (
-    COLOUR_AUROC_GOAL,
-    REAL_BOX_COUNTS,
-    _draw_count,
-    colour_auroc,
-    patch_features,
-    plan_real_slide,
-)
+from digilut.synth import synth_dataset
+from digilut.synth_plan import SynthConfig
+from digilut.synth_real import COLOUR_AUROC_GOAL, colour_auroc, patch_features
+from digilut.synth_real_plan import REAL_BOX_COUNTS, _draw_count, plan_real_slide
 
 
 @pytest.fixture(scope="module")

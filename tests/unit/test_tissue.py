@@ -13,7 +13,8 @@ import tifffile
 from slide_fixtures import resolution, write_pyramid
 
 from digilut.extract import ExtractConfig, extract_slide
-from digilut.slide import LevelReader, read_slide_info
+from digilut.level_reader import LevelReader
+from digilut.slide import read_slide_info
 from digilut.tissue import tissue_mask
 
 MPP = 0.25

@@ -184,7 +184,7 @@ def test_fold_resumes_on_a_new_machine_from_its_checkpoint_folder(
 ) -> None:
     """What a new pod sees: an empty model folder, the checkpoints copied where the run points
     (``checkpoint_uri``; a folder here, an ``s3://`` prefix in the end-to-end test)."""
-    from digilut.steps.common import publish_results
+    from digilut.locations import publish_results
     from digilut.steps.train import checkpoint_location, train_step
     from digilut.tracking import TrackingConfig
 
