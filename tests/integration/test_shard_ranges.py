@@ -16,6 +16,7 @@ import torch
 from digilut.data import make_sampler
 from digilut.errors import ShardError
 from digilut.extract import ExtractConfig
+from digilut.fold_data import fold_rows
 from digilut.ingest import SourceObject
 from digilut.labels import LabelConfig
 from digilut.manifest import MANIFEST_NAME, read_manifest, read_patch, shard_store
@@ -30,7 +31,6 @@ from digilut.steps.train import train_step
 from digilut.storage import list_objects, upload_file
 from digilut.synth import SynthConfig, synth_dataset
 from digilut.tracking import TrackingConfig
-from digilut.train import fold_rows
 from digilut.train_config import TrainConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

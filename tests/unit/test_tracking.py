@@ -16,6 +16,7 @@ from digilut.boxes import BOXES_CONFIG_NAME, BoxesConfig, load_boxes_config, sav
 from digilut.errors import ConfigError
 from digilut.model import ModelSpec, build_model, load_model, save_model
 from digilut.predict import Ensemble
+from digilut.registry import register_ensemble
 from digilut.steps.fetch_models import fetch_models_step
 from digilut.tracking import PARENT_TAG, Tracker, TrackingConfig, kfp_run_tags, parse_pipeline_params
 from digilut.train import TrainConfig, train_fold
@@ -115,7 +116,7 @@ def test_ensemble_is_registered_and_predicts_like_the_folds(
     tuned = save_boxes_config(BoxesConfig(margin_px=123.0), tmp_path / BOXES_CONFIG_NAME)
     with Tracker(TrackingConfig(store)) as tracker:
         parent = tracker.start_run("pipeline")
-        tracker.register_ensemble(parent, paths, "digilut-test-ensemble", extra_files=[tuned])
+        register_ensemble(tracker, parent, paths, "digilut-test-ensemble", extra_files=[tuned])
         tracker.end_run(parent)
         assert tracker.close(120)
     import mlflow.pyfunc
