@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -218,3 +220,15 @@ def test_start_tracking_component_logs_the_pipeline_params_on_the_parent_run(
     assert run.data.params == {"epochs": "3", "folds": "2", "lr": "0.0003", "arch": "resnet18"}
     assert run.data.tags["kfp.run_id"] == "7f3c" and run.data.tags["kfp.run_name"].startswith("digilut-")
     assert "kfp.run_url" not in run.data.tags and out.metadata["mlflow_run_id"] == run.info.run_id
+
+
+def test_tracking_and_registry_import_no_torch_mlflow_or_model_code() -> None:
+    """The ensemble is registered from the CPU image's evaluate step (no torch there): tracking
+    builds no models, and the registry imports torch and MLflow only when it builds one."""
+    code = (
+        "import sys, digilut.tracking, digilut.registry\n"
+        "bad = [m for m in ('torch', 'mlflow', 'digilut.model', 'digilut.predict') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
