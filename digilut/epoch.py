@@ -28,9 +28,10 @@ from digilut.cpus import available_cpus
 from digilut.data import PatchDataset, make_loader, make_sampler, to_model_input
 from digilut.fold_data import FoldData
 from digilut.fold_log import FoldLogger
-from digilut.model import BackboneInit, PatchClassifier, build_model
+from digilut.model import PatchClassifier, build_model
 from digilut.predict import amp_dtype, safe_auroc
 from digilut.train_config import TrainConfig
+from digilut.weights import BackboneInit
 
 
 def training_loss(logits: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
