@@ -84,7 +84,7 @@ def train_fold(
     :class:`~digilut.errors.TrainingInterrupted`; a re-run resumes at that batch and ends with the
     same weights as an uninterrupted run. ``on_checkpoint(out_dir)`` is called after every saved
     state and after ``result.json`` (e.g. to copy the folder where a new pod finds it: see
-    :func:`digilut.steps.train_step`). The event files are copied at the same points to
+    :func:`digilut.steps.train.train_step`). The event files are copied at the same points to
     ``tracker.cfg.tensorboard_dir(fold, parent run id)`` when the tracking config names a logdir.
     A finished fold is reused only when ``model.pt`` still has the content recorded in
     ``result.json`` and the fold's rows are the same (content hashes).
