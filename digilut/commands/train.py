@@ -137,6 +137,7 @@ def train_folds(
     """Train every fold of the manifest in turn, under one MLflow parent run."""
     from digilut.manifest import read_manifest
     from digilut.model import select_device
+    from digilut.registry import register_ensemble
     from digilut.tracking import Tracker, TrackingConfig
     from digilut.train import train_fold
 
@@ -155,8 +156,8 @@ def train_folds(
             aurocs = [r.best_val_auroc for r in results]
             tracker.log_metrics(parent, {"mean_val_auroc": sum(aurocs) / len(aurocs)}, step=0)
             if register_model:
-                tracker.register_ensemble(
-                    parent, [out / f"fold{k}" / "model.pt" for k in folds], register_model
+                register_ensemble(
+                    tracker, parent, [out / f"fold{k}" / "model.pt" for k in folds], register_model
                 )
             tracker.end_run(parent)
     except DigilutError as err:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from digilut.boxes import BOXES_CONFIG_NAME
 from digilut.locations import publish_results
+from digilut.registry import register_ensemble
 from digilut.report import RunFigures
 from digilut.tracking import Tracker, TrackingConfig
 
@@ -37,8 +38,8 @@ def publish_step(
             tracker.log_artifacts(run, results, "results")
             if register_model:
                 extra = [p for p in [results / "models" / BOXES_CONFIG_NAME] if p.is_file()]
-                tracker.register_ensemble(
-                    run, sorted((results / "models").glob("*.pt")), register_model, extra_files=extra
+                register_ensemble(
+                    tracker, run, sorted((results / "models").glob("*.pt")), register_model, extra_files=extra
                 )
             tracker.end_run(run)
 

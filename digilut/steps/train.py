@@ -50,7 +50,7 @@ def checkpoint_location(checkpoint_uri: str, manifest: Path, fold: int, cfg: Tra
     """Where fold ``fold`` keeps its checkpoints under ``checkpoint_uri`` (a folder or ``s3://``
     prefix): ``fold<k>-<key>``, the key hashing the fold's rows and the training settings — so a
     re-run of the same pipeline (a new pod, a new run) finds it, and another dataset or config does not."""
-    from digilut.train import fold_data_digest, fold_rows
+    from digilut.fold_data import fold_data_digest, fold_rows
 
     data = fold_rows(read_manifest(manifest), fold, cfg)
     key = hashlib.sha256(

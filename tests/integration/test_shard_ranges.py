@@ -16,6 +16,7 @@ import torch
 from digilut.data import make_sampler
 from digilut.errors import ShardError
 from digilut.extract import ExtractConfig
+from digilut.fold_data import fold_rows
 from digilut.ingest import SourceObject
 from digilut.labels import LabelConfig
 from digilut.manifest import MANIFEST_NAME, read_manifest, read_patch, shard_store
@@ -31,7 +32,6 @@ from digilut.storage import list_objects, upload_file
 from digilut.synth import synth_dataset
 from digilut.synth_plan import SynthConfig
 from digilut.tracking import TrackingConfig
-from digilut.train import fold_rows
 from digilut.train_config import TrainConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -11,6 +11,7 @@ import torch
 
 from digilut.model import ModelSpec, build_model, load_model, save_model
 from digilut.ops.services import MlflowServer, S3Server, free_ports, start_mlflow
+from digilut.registry import log_model
 from digilut.tracking import PARENT_TAG, Tracker, TrackingConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -33,7 +34,7 @@ def test_fold_run_and_model_through_the_server(
         child = tracker.start_run("fold0", parent=parent)
         for epoch in range(3):
             tracker.log_metrics(child, {"val_auroc": 0.5 + 0.1 * epoch}, step=epoch)
-        tracker.log_model(child, model_file)
+        log_model(tracker, child, model_file)
         tracker.end_run(child)
         tracker.end_run(parent)
         assert tracker.close(120)

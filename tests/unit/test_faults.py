@@ -21,11 +21,12 @@ import pytest
 import torch
 from patch_fixtures import make_patch_manifest
 
+from digilut.checkpoint import SIGTERM_ARMED
 from digilut.model import load_model
 from digilut.synth_plan import SynthConfig, plan_slide
 from digilut.synth_render import write_slide
 from digilut.tracking import Tracker, TrackingConfig
-from digilut.train import SIGTERM_ARMED, FoldResult, TrainConfig, train_fold
+from digilut.train import FoldResult, TrainConfig, train_fold
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU models: one thread is faster
 

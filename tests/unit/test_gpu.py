@@ -21,10 +21,11 @@ from patch_fixtures import make_patch_manifest
 
 from digilut import k8s
 from digilut.data import to_model_input
+from digilut.epoch import training_loss
 from digilut.manifest import read_manifest
 from digilut.model import build_model, gpu_required, load_model, select_device
 from digilut.predict import PredictConfig, amp_dtype, predict_patches, safe_auroc
-from digilut.train import TrainConfig, _loss, train_fold
+from digilut.train import TrainConfig, train_fold
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -80,7 +81,7 @@ def test_gpu_flag_unset_or_off_trains_on_the_cpu(manifest: Path, tmp_path: Path)
     code = (
         "import sys, dataclasses\n"
         "from pathlib import Path\n"
-        "from digilut.steps import train_step\n"
+        "from digilut.steps.train import train_step\n"
         "from digilut.tracking import TrackingConfig\n"
         "from digilut.train_config import TrainConfig\n"
         "m = Path(sys.argv[1])\n"
@@ -151,7 +152,7 @@ def test_one_training_step_under_amp_matches_fp32(manifest: Path) -> None:
         for _ in range(2):  # loss, step, loss again
             with torch.autocast("cuda", dtype=amp_dtype(dev), enabled=amp):
                 logits = model(x)
-            loss = _loss(logits.float(), y, TINY)
+            loss = training_loss(logits.float(), y, TINY)
             seen.append(float(loss))
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -15,11 +15,11 @@ from digilut.model import (
     ModelFileError,
     ModelSpec,
     build_model,
-    cached_imagenet_weights,
     load_model,
     save_model,
     select_device,
 )
+from digilut.weights import cached_imagenet_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU models: one thread is faster
 
@@ -40,7 +40,7 @@ def test_auto_weights_fall_back_to_random_init_with_a_warning(
     empty_torch_home: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert cached_imagenet_weights("resnet18") is None
-    with caplog.at_level(logging.WARNING, logger="digilut.model"):
+    with caplog.at_level(logging.WARNING, logger="digilut.weights"):
         model = build_model(ModelSpec(), "auto")
     assert "RANDOM INITIALISATION" in caplog.text and str(empty_torch_home) in caplog.text
     assert model.init.label == "random" and model.init.words.startswith("random initialisation")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from digilut.boxes import BOXES_CONFIG_NAME, BoxesConfig, load_boxes_config, sav
 from digilut.errors import ConfigError
 from digilut.model import ModelSpec, build_model, load_model, save_model
 from digilut.predict import Ensemble
+from digilut.registry import register_ensemble
 from digilut.steps.fetch_models import fetch_models_step
 from digilut.tracking import PARENT_TAG, Tracker, TrackingConfig, kfp_run_tags, parse_pipeline_params
 from digilut.train import TrainConfig, train_fold
@@ -115,7 +118,7 @@ def test_ensemble_is_registered_and_predicts_like_the_folds(
     tuned = save_boxes_config(BoxesConfig(margin_px=123.0), tmp_path / BOXES_CONFIG_NAME)
     with Tracker(TrackingConfig(store)) as tracker:
         parent = tracker.start_run("pipeline")
-        tracker.register_ensemble(parent, paths, "digilut-test-ensemble", extra_files=[tuned])
+        register_ensemble(tracker, parent, paths, "digilut-test-ensemble", extra_files=[tuned])
         tracker.end_run(parent)
         assert tracker.close(120)
     import mlflow.pyfunc
@@ -217,3 +220,15 @@ def test_start_tracking_component_logs_the_pipeline_params_on_the_parent_run(
     assert run.data.params == {"epochs": "3", "folds": "2", "lr": "0.0003", "arch": "resnet18"}
     assert run.data.tags["kfp.run_id"] == "7f3c" and run.data.tags["kfp.run_name"].startswith("digilut-")
     assert "kfp.run_url" not in run.data.tags and out.metadata["mlflow_run_id"] == run.info.run_id
+
+
+def test_tracking_and_registry_import_no_torch_mlflow_or_model_code() -> None:
+    """The ensemble is registered from the CPU image's evaluate step (no torch there): tracking
+    builds no models, and the registry imports torch and MLflow only when it builds one."""
+    code = (
+        "import sys, digilut.tracking, digilut.registry\n"
+        "bad = [m for m in ('torch', 'mlflow', 'digilut.model', 'digilut.predict') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -13,11 +13,13 @@ import torch
 from patch_fixtures import make_patch_manifest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from digilut.epoch import training_loss
 from digilut.errors import ConfigError
+from digilut.fold_data import fold_rows
 from digilut.manifest import read_manifest
 from digilut.model import load_model
 from digilut.predict import PredictConfig, patch_metrics, predict_patches
-from digilut.train import FoldResult, TrainConfig, _loss, fold_rows, train_fold
+from digilut.train import FoldResult, TrainConfig, train_fold
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU models: one thread is faster
 
@@ -103,7 +105,7 @@ def test_changed_settings_restart_from_scratch(
 ) -> None:
     cfg = dataclasses.replace(TINY, epochs=1, patches_per_epoch=16)
     train_fold(manifest, 1, tmp_path, cfg, CPU)
-    with caplog.at_level(logging.WARNING, logger="digilut.train"):
+    with caplog.at_level(logging.WARNING, logger="digilut.checkpoint"):
         result = train_fold(manifest, 1, tmp_path, dataclasses.replace(cfg, lr=5e-4), CPU)
     assert "other settings (lr)" in caplog.text
     assert result.config["lr"] == 5e-4 and result.epochs_run == 1
@@ -134,9 +136,9 @@ def test_fold_rows_errors_name_what_is_wrong(manifest: Path) -> None:
 def test_losses_weight_positives_and_focus_on_hard_examples() -> None:
     logits = torch.tensor([2.0, -2.0, 0.1])
     y = torch.tensor([1.0, 0.0, 1.0])
-    bce = _loss(logits, y, TINY)
-    assert _loss(logits, y, dataclasses.replace(TINY, pos_weight=5.0)) > bce
-    focal = _loss(logits, y, dataclasses.replace(TINY, loss="focal", focal_alpha=-1))
+    bce = training_loss(logits, y, TINY)
+    assert training_loss(logits, y, dataclasses.replace(TINY, pos_weight=5.0)) > bce
+    focal = training_loss(logits, y, dataclasses.replace(TINY, loss="focal", focal_alpha=-1))
     assert 0 < focal < bce  # focal down-weights the two easy examples
 
 
