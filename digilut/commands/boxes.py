@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 import typer
 
-from digilut.boxes import BoxesConfig, slide_boxes
+from digilut.boxes import BoxesConfig
 from digilut.errors import DigilutError
 
 _BOXES_HELP = {
@@ -115,8 +115,8 @@ def boxes(
 
     Boxes in level-0 px: x1,x2 = xmin,xmax and y1,y2 = ymin,ymax.
     """
-    from digilut.files import atomic_write
-    from digilut.heatmap import build_heatmaps
+    from digilut.geojson import to_asap_xml
+    from digilut.steps.submission import write_boxes
 
     try:
         cfg = BoxesConfig(**config)
@@ -124,9 +124,8 @@ def boxes(
         counts, truth, test_list = _counts_and_truth(counts_from) if counts_from else (None, None, None)
         if submission is not None and test_list is None:
             raise typer.BadParameter("--submission needs --counts-from TEST_LIST (a CSV with trustii_id)")
-        hms = build_heatmaps(patches, stride_px=stride_px)
-        result = slide_boxes(patches, counts, cfg, heatmaps=hms)
-        atomic_write(out, [result.to_csv(index=False).encode()])
+        found = write_boxes(patches, counts, cfg, out, geojson, truth=truth, stride_px=stride_px)
+        result, hms = found.boxes, found.heatmaps
         typer.echo(f"{len(result)} box(es) for {result['filename'].nunique()} slide(s) → {out}")
         if submission is not None and test_list is not None:
             from digilut.submission import write_submission
@@ -136,7 +135,11 @@ def boxes(
         if pictures is not None:
             _pictures(pictures, hms, result, truth, counts)
         if geojson is not None:
-            _geojson(geojson, hms, result, truth, counts, asap)
+            if asap:
+                for path in found.geojson.values():
+                    path.with_suffix(".xml").write_text(to_asap_xml(json.loads(path.read_text())))
+            extra = ", ASAP XML too" if asap else ""
+            typer.echo(f"geojson → {geojson} ({len(found.geojson)} slide(s){extra})")
     except (DigilutError, OSError, ValueError) as err:
         if isinstance(err, typer.BadParameter):
             raise
@@ -167,26 +170,6 @@ def _pictures(
             folder / f"{Path(slide).stem}.png", f2=f2.get(slide), n=(counts or {}).get(slide),
         )  # fmt: skip
     typer.echo(f"pictures → {folder}")
-
-
-def _geojson(
-    folder: Path,
-    hms: dict[str, Any],
-    result: pd.DataFrame,
-    truth: pd.DataFrame | None,
-    counts: dict[str, int] | None,
-    asap: bool,
-) -> None:
-    import json
-
-    from digilut.geojson import to_asap_xml, write_geojson
-
-    slides = sorted(hms if counts is None else set(counts) & set(hms))
-    paths = write_geojson(folder, result, hms, truth, slides=slides)
-    if asap:
-        for path in paths.values():
-            path.with_suffix(".xml").write_text(to_asap_xml(json.loads(path.read_text())))
-    typer.echo(f"geojson → {folder} ({len(paths)} slide(s){', ASAP XML too' if asap else ''})")
 
 
 def score(

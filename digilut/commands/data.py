@@ -38,7 +38,7 @@ def synth(
 
 def prepare(
     data: Path = typer.Argument(..., help="Data folder with images/*.tif and (optionally) train.csv."),
-    out: Path = typer.Argument(..., help="Output folder for shards, manifest.parquet, report.json."),
+    out: Path = typer.Argument(..., help="Output folder: manifest.parquet, report.json, one shard per slide, thumbnails/."),
     patch_px: int = typer.Option(256, help="Patch side in pixels at the target resolution."),
     target_mpp: float = typer.Option(0.5, help="Target µm/px (0.5 = 20x)."),
     stride_px: int = typer.Option(256, help="Grid stride at the target resolution (128 = 50% overlap)."),
@@ -52,8 +52,9 @@ def prepare(
     workers: int = typer.Option(2, help="Slides extracted in parallel worker processes (0 = in process)."),
 ) -> None:
     """Extract tissue patches of every slide with pyFAST into one shard per slide, then label them."""
-    from digilut.extract import ExtractConfig, prepare_dataset
+    from digilut.extract import ExtractConfig
     from digilut.labels import LabelConfig
+    from digilut.steps.prepare import prepare_step
 
     try:
         cfg = ExtractConfig(
@@ -64,7 +65,7 @@ def prepare(
             tissue_threshold=tissue_threshold,
             slide_mpp=slide_mpp,
         )
-        report = prepare_dataset(
+        report = prepare_step(
             data,
             out,
             cfg,

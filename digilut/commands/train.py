@@ -103,19 +103,15 @@ def train(
     **options: Any,
 ) -> None:
     """Train one cross-validation fold (resumes an interrupted run; a finished fold returns at once)."""
-    from digilut.model import select_device
-    from digilut.tracking import Tracker, TrackingConfig
-    from digilut.train import train_fold
+    from digilut.steps.train import train_step
+    from digilut.tracking import TrackingConfig
 
     try:
-        cfg = TrainConfig(**options)
-        dev = select_device(device)
-        with Tracker(TrackingConfig(tracking_uri, experiment)) as tracker:
-            parent = tracker.attach(parent_run_id) if parent_run_id else None
-            result = train_fold(
-                manifest, fold, out / f"fold{fold}", cfg, dev, tracker=tracker, parent=parent,
-                max_epochs_this_run=max_epochs_this_run or None,
-            )  # fmt: skip
+        result = train_step(
+            manifest.parent, manifest, fold, out / f"fold{fold}", TrainConfig(**options),
+            TrackingConfig(tracking_uri, experiment), parent_run_id=parent_run_id, device=device,
+            max_epochs_this_run=max_epochs_this_run or None,
+        )  # fmt: skip
     except DigilutError as err:
         raise _fail(err) from err
     typer.echo(
@@ -134,31 +130,32 @@ def train_folds(
     register_model: str = typer.Option("", help="Register the fold ensemble under this MLflow model name."),
     **options: Any,
 ) -> None:
-    """Train every fold of the manifest in turn, under one MLflow parent run."""
+    """Train every fold of the manifest in turn, under one MLflow parent run (the pipeline's steps:
+    start_tracking, train_fold per fold, publish); OUT/summary/folds.json lists the folds' results."""
     from digilut.manifest import read_manifest
-    from digilut.model import select_device
-    from digilut.tracking import Tracker, TrackingConfig
-    from digilut.train import train_fold
+    from digilut.steps.common import write_json
+    from digilut.steps.publish import publish_step
+    from digilut.steps.start_tracking import start_tracking_step
+    from digilut.steps.train import train_step
+    from digilut.tracking import TrackingConfig
 
     try:
-        cfg = TrainConfig(**options)
-        dev = select_device(device)
+        cfg, tracking = TrainConfig(**options), TrackingConfig(tracking_uri, experiment)
         df = read_manifest(manifest, require=("split", "fold"))
         folds = sorted(int(f) for f in df.loc[df["split"] == "train", "fold"].unique())
-        with Tracker(TrackingConfig(tracking_uri, experiment)) as tracker:
-            parent = tracker.start_run("pipeline", tags={"digilut.manifest": str(manifest)})
-            tracker.log_params(parent, {**cfg.fingerprint(), "folds": len(folds)})
-            results = [
-                train_fold(manifest, k, out / f"fold{k}", cfg, dev, tracker=tracker, parent=parent)
-                for k in folds
-            ]
-            aurocs = [r.best_val_auroc for r in results]
-            tracker.log_metrics(parent, {"mean_val_auroc": sum(aurocs) / len(aurocs)}, step=0)
-            if register_model:
-                tracker.register_ensemble(
-                    parent, [out / f"fold{k}" / "model.pt" for k in folds], register_model
-                )
-            tracker.end_run(parent)
+        params = {k: str(v) for k, v in {**cfg.fingerprint(), "folds": len(folds)}.items()}
+        run_id = start_tracking_step("pipeline", tracking, params, {"digilut.manifest": str(manifest)})
+        results = [
+            train_step(manifest.parent, manifest, k, out / f"fold{k}", cfg, tracking, parent_run_id=run_id,
+                       device=device)
+            for k in folds
+        ]  # fmt: skip
+        aurocs = [r.best_val_auroc for r in results]
+        write_json(out / "summary" / "folds.json", [dataclasses.asdict(r) for r in results])
+        publish_step(
+            out / "summary", "", tracking, run_id, {"mean_val_auroc": sum(aurocs) / len(aurocs)},
+            register_model=register_model, models=[out / f"fold{k}" / r.model_file for k, r in zip(folds, results)],
+        )  # fmt: skip
     except DigilutError as err:
         raise _fail(err) from err
     for r in results:

@@ -1,4 +1,4 @@
-"""Small helpers the steps share: JSON results, the boxes of an annotations artifact, the device."""
+"""Small helpers the steps share: JSON results, the boxes of an annotations artifact, publishing."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -15,21 +14,10 @@ from digilut.ingest import (
     BOXES_NAME,
 )
 
-if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
-    import torch
-
 log = logging.getLogger(__name__)
 
 
 PREDICTIONS_NAME = "predictions.parquet"
-
-
-def pick_device() -> torch.device:
-    """The device for training/prediction, chosen once per step: CUDA when present, else CPU; a
-    task the pipeline put on a GPU (``DIGILUT_REQUIRE_GPU=1``) fails here when CUDA is missing."""
-    from digilut.model import select_device
-
-    return select_device("auto")
 
 
 def write_json(path: Path, data: object) -> None:

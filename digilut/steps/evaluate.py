@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -14,11 +13,8 @@ from digilut.evaluate import Evaluation, evaluate_predictions
 from digilut.geojson import GEOJSON_DIR, write_geojson
 from digilut.heatmap import build_heatmaps
 from digilut.report import write_report
-from digilut.train_config import FoldResult
-
-if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
-    pass
 from digilut.steps.common import PREDICTIONS_NAME, read_boxes
+from digilut.train_config import FoldResult
 
 log = logging.getLogger(__name__)
 

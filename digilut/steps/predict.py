@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -15,12 +14,10 @@ from digilut.manifest import (
     shard_store,
     write_manifest,
 )
+from digilut.model import select_device
 from digilut.predict import PredictConfig, predict_patches
+from digilut.steps.common import PREDICTIONS_NAME
 from digilut.train_config import FoldResult
-
-if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
-    pass
-from digilut.steps.common import PREDICTIONS_NAME, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +30,7 @@ def predict_step(
     df = read_manifest(split, require=("split",))
     rows = df[df["split"] == "test"]
     files = [d / FoldResult.load(d).model_file for d in model_dirs]
-    out = predict_patches(rows, shard_store(patches), files, cfg, pick_device())
+    out = predict_patches(rows, shard_store(patches), files, cfg, select_device())
     write_manifest(out, predictions / PREDICTIONS_NAME)
     return out
 
@@ -42,7 +39,7 @@ def predict_all_step(patches: Path, models: Path, predictions: Path, cfg: Predic
     """Mean probability of the ensemble in ``models`` on every patch of ``patches``."""
     predictions.mkdir(parents=True, exist_ok=True)
     files = sorted(models.glob("model*.pt"))
-    out = predict_patches(read_manifest(patches), shard_store(patches), files, cfg, pick_device())
+    out = predict_patches(read_manifest(patches), shard_store(patches), files, cfg, select_device())
     write_manifest(out, predictions / PREDICTIONS_NAME)
     if (models / BOXES_CONFIG_NAME).is_file():  # the ensemble's tuned boxes config goes with its output
         shutil.copy2(models / BOXES_CONFIG_NAME, predictions / BOXES_CONFIG_NAME)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from digilut.manifest import (
     MANIFEST_NAME,
@@ -12,9 +11,6 @@ from digilut.manifest import (
     write_manifest,
 )
 from digilut.split import SplitConfig, split_dataset
-
-if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
-    pass
 from digilut.steps.common import write_json
 
 log = logging.getLogger(__name__)
