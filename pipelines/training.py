@@ -18,8 +18,8 @@ import os
 
 from kfp import dsl, kubernetes
 
-from components.data import extract, ingest, label, list_source, merge, split_patients
-from components.model import evaluate, predict, start_tracking, train_fold
+from components.patches import extract, ingest, label, list_source, merge, split_patients
+from components.training import evaluate, predict, start_tracking, train_fold
 from digilut.boxes import BoxesConfig
 from digilut.extract import ExtractConfig
 from digilut.labels import LabelConfig

@@ -29,6 +29,10 @@ class Labelled:
     manifest: pd.DataFrame
     problems: list[str] = field(default_factory=list)
 
+    @property
+    def positives(self) -> int:
+        return int(self.manifest["label"].sum())
+
 
 def label_step(patches: Path, annotations: Path, labels: Path, cfg: LabelConfig) -> Labelled:
     """Label every patch of ``patches`` by its overlap with the boxes of ``annotations``."""

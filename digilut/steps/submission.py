@@ -15,7 +15,7 @@ from digilut.boxes import BOXES_CONFIG_NAME, BoxesConfig, load_boxes_config
 from digilut.files import atomic_write
 from digilut.geojson import GEOJSON_DIR, write_geojson
 from digilut.heatmap import build_heatmaps
-from digilut.steps.common import PREDICTIONS_NAME
+from digilut.steps.common import PREDICTIONS_NAME, publish_results
 
 if TYPE_CHECKING:
     from digilut.heatmap import Heatmap
@@ -58,11 +58,14 @@ def write_boxes(
     return SlideBoxes(boxes, hms, paths)
 
 
-def submission_step(data_uri: str, predictions: Path, results: Path, cfg: BoxesConfig) -> Path:
+def submission_step(
+    data_uri: str, predictions: Path, results: Path, cfg: BoxesConfig, results_uri: str = ""
+) -> Path:
     """N boxes per slide of the source's ``test.csv`` (``filename,max_x,max_y,trustii_id``) in the
     challenge submission format ``trustii_id,filename,y1,y2,x1,x2``. The boxes config the ensemble's
     training run tuned (``predictions/boxes_config.json``, carried from the models) replaces ``cfg``
-    when present; ``cfg`` applies to an ensemble without one."""
+    when present; ``cfg`` applies to an ensemble without one. The ``results`` folder is then copied
+    to ``results_uri`` (a folder or ``s3://`` prefix; "" = nowhere)."""
     from digilut.annotations import expected_counts, read_test_list
     from digilut.ingest import fetch_file
     from digilut.submission import write_submission
@@ -81,4 +84,6 @@ def submission_step(data_uri: str, predictions: Path, results: Path, cfg: BoxesC
         cfg = tuned
         log.info("submission: the ensemble's tuned boxes config: %s", cfg)
     found = write_boxes(pred, expected_counts(table.rows), cfg, results / "boxes.csv", results / GEOJSON_DIR)
-    return write_submission(found.boxes, table.rows, results / "submission.csv")
+    path = write_submission(found.boxes, table.rows, results / "submission.csv")
+    publish_results(results, results_uri)
+    return path
