@@ -29,17 +29,18 @@ def list_source(data_uri: str) -> dict[str, Any]:
 def ingest(
     data_uri: str,
     source: dict[str, Any],
-    batch_size: int,
+    slides_per_batch: int,
     require_boxes: bool,
     annotations: Output[Dataset],
 ) -> list[list[dict[str, Any]]]:
-    """Validate train.csv against the listed slides; return the batches (slide name, size, ETag)."""
+    """Validate train.csv against the listed slides; return the batches of at most
+    ``slides_per_batch`` slides (name, size, ETag), a patient's slides together."""
     from pathlib import Path
 
     from digilut.steps.ingest import ingest_step
 
     return ingest_step(
-        data_uri, source, Path(annotations.path), batch_size=batch_size, require_boxes=require_boxes
+        data_uri, source, Path(annotations.path), batch_size=slides_per_batch, require_boxes=require_boxes
     )
 
 

@@ -72,13 +72,17 @@ MAX_SHIFT = 48.0
 REFERENCE_PX = 16 * 2**20  # the largest level held whole as that reference
 
 
+TRAIN_STRIDE_PX = 256  # the training grid: patches side by side (``digilut prepare``)
+INFERENCE_STRIDE_PX = 128  # the inference grid: 50% overlap, finer heatmaps (both pipelines, all slides)
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """How patches are cut. Sizes are in pixels *at the target resolution* (``target_mpp``)."""
 
     patch_px: int = 256
     target_mpp: float = 0.5  # 20x
-    stride_px: int = 256  # 128 = 50% overlap (inference)
+    stride_px: int = TRAIN_STRIDE_PX  # INFERENCE_STRIDE_PX for slides whose boxes are predicted
     min_tissue_fraction: float = 0.5
     tissue_threshold: int = 85  # FAST colour threshold: distance from white
     slide_mpp: float | None = None  # override for slides without mpp metadata

@@ -2,15 +2,13 @@
 
 Box columns everywhere: ``x1,x2`` = xmin,xmax and ``y1,y2`` = ymin,ymax, level-0 pixels, as in the
 challenge CSV header. The ``boxes`` options are generated from
-:class:`~digilut.boxes.BoxesConfig`'s fields: same names, same defaults.
+:class:`~digilut.boxes.BoxesConfig`'s fields (:mod:`digilut.commands.options`): same names, same
+defaults.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import pandas as pd
 import typer
 
 from digilut.boxes import BoxesConfig
+from digilut.commands.options import config_options
 from digilut.errors import DigilutError
 
 _BOXES_HELP = {
@@ -40,29 +39,6 @@ _BOXES_HELP = {
 }
 
 
-def _with_config_options(
-    cls: type, help_text: dict[str, str]
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Give a command one ``--option`` per field of the dataclass ``cls`` (same name and default)."""
-
-    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
-        sig = inspect.signature(func)
-        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        extra = [
-            inspect.Parameter(
-                f.name,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(f.default, help=help_text.get(f.name, f"{cls.__name__}.{f.name}")),
-                annotation=type(f.default),
-            )
-            for f in dataclasses.fields(cls)
-        ]
-        func.__signature__ = sig.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
-        return func
-
-    return wrap
-
-
 def _fail(err: Exception) -> typer.Exit:
     typer.echo(f"error: {err}", err=True)
     return typer.Exit(2)
@@ -83,7 +59,7 @@ def _counts_and_truth(path: Path) -> tuple[dict[str, int], pd.DataFrame | None, 
     return {str(k): int(v) for k, v in truth.groupby("filename").size().items()}, truth, None
 
 
-@_with_config_options(BoxesConfig, _BOXES_HELP)
+@config_options(BoxesConfig, help=_BOXES_HELP)
 def boxes(
     probs: Path = typer.Argument(
         ..., help="Patches with probabilities (Parquet): slide, x0, y0, w0, h0 (level-0 px), prob."

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -15,7 +14,6 @@ from typer.testing import CliRunner
 from digilut.cli import app
 from digilut.manifest import read_manifest
 from digilut.score import GIOU_THRESHOLD, giou_matrix
-from digilut.train_config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU models: one thread is faster
 
@@ -44,16 +42,6 @@ def _truth_csv(manifest: Path, out: Path) -> Path:
         out, index=False
     )
     return out
-
-
-def test_cli_options_are_the_config_fields() -> None:
-    import typer.main
-
-    for name in ("train", "train-folds"):
-        command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
-        params = {p.name: p for p in command.params}
-        for f in dataclasses.fields(TrainConfig):
-            assert params[f.name].default == f.default, f.name
 
 
 def test_train_predict_evaluate(tmp_path: Path) -> None:

@@ -57,7 +57,11 @@ def data_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     out: dict[str, Any] = {"source": patches.list_source.python_func(data_uri=data)}
     out["annotations"] = _art(dsl.Dataset, tmp, "annotations")
     out["batches"] = patches.ingest.python_func(
-        data_uri=data, source=out["source"], batch_size=4, require_boxes=True, annotations=out["annotations"]
+        data_uri=data,
+        source=out["source"],
+        slides_per_batch=4,
+        require_boxes=True,
+        annotations=out["annotations"],
     )
     out["extracted"] = [_art(dsl.Dataset, tmp, f"extracted{k}") for k in range(len(out["batches"]))]
     for batch, art in zip(out["batches"], out["extracted"], strict=True):
