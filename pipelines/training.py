@@ -12,6 +12,9 @@ Every knob is a pipeline parameter whose default comes from the library's config
 same name, so the CLI, the library and the pipeline agree. ParallelFor parallelism is fixed when
 compiling (KFP takes no run-time value there): ``DIGILUT_EXTRACT_PARALLELISM`` and
 ``DIGILUT_TRAIN_PARALLELISM`` (0 = unbounded).
+
+``training`` is longer than the usual 80 lines: ~40 of them are its signature (each parameter
+one line, the run's settings as the KFP UI shows them); the body only wires tasks together.
 """
 
 import os

@@ -9,6 +9,7 @@ from PIL import Image
 
 from digilut.errors import ConfigError
 from digilut.extract import ExtractConfig, PrepareReport, extract_slide
+from digilut.files import file_sha256
 from digilut.manifest import read_manifest, read_patch
 from digilut.shards import read_index
 from digilut.steps.prepare import prepare_step
@@ -78,6 +79,7 @@ def test_resume_reuses_finished_slides_and_redoes_changed_ones(tiny_data, tmp_pa
         second.slides[victim].seconds > 0
         and second.slides[victim].shard_sha256 == first.slides[victim].shard_sha256
     )
+    assert file_sha256(shard) == first.slides[victim].shard_sha256  # the damaged shard was replaced
     others = [s for s in first.slides if s != victim]
     assert all(second.slides[s].seconds == first.slides[s].seconds for s in others)  # reused as is
     assert PrepareReport.load(out / "report.json").patches == first.patches
