@@ -41,7 +41,7 @@ def shard_store_for(data_uri: str, shards_uri: str = "") -> str:
     return shards_uri.rstrip("/") or f"{data_uri.rstrip('/')}/{SHARD_STORE_DIR}"
 
 
-def publish_shards(out_dir: Path, results: dict[str, SlidePatches], store: str) -> None:
+def _publish_shards(out_dir: Path, results: dict[str, SlidePatches], store: str) -> None:
     """Move the shards extracted into ``out_dir/shards`` to ``store`` under content-addressed
     names, point the slides' manifest parts at them and record the store in ``out_dir``."""
     uploaded = 0
@@ -117,7 +117,7 @@ def extract_step(
         threads = threads or max(1, available_cpus() // max(1, min(workers, len(paths))))
         work = Path(tmp) / "extracted"
         results.update(extract_slides(paths, work, cfg, workers=workers, threads=threads))
-        publish_shards(work, results, store)
+        _publish_shards(work, results, store)
         shutil.copytree(work, extracted, dirs_exist_ok=True)
     results.update(reused)
     report = PrepareReport(results, sum(r.seconds for r in results.values()), cfg.__dict__.copy())

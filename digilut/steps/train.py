@@ -33,7 +33,7 @@ def checkpoint_location(checkpoint_uri: str, manifest: Path, fold: int, cfg: Tra
     return f"{checkpoint_uri.rstrip('/')}/fold{fold}-{key}"
 
 
-def restore_checkpoint(where: str, model_dir: Path) -> bool:
+def _restore_checkpoint(where: str, model_dir: Path) -> bool:
     """Copy a fold's checkpoint folder ``where`` (folder or ``s3://``) into ``model_dir``; False if none."""
     model_dir.mkdir(parents=True, exist_ok=True)
     if where.startswith("s3://"):
@@ -81,7 +81,7 @@ def train_step(
     on_checkpoint = None
     if checkpoint_uri:
         where = checkpoint_location(checkpoint_uri, manifest, fold, cfg)
-        if restore_checkpoint(where, model_dir):
+        if _restore_checkpoint(where, model_dir):
             log.info("fold %d: checkpoint restored from %s", fold, where)
 
         def on_checkpoint(folder: Path) -> None:
