@@ -156,23 +156,15 @@ def predict(
     **options: Any,
 ) -> None:
     """Mean probability of every patch under the fold models (each patch decoded once)."""
-    from digilut.manifest import read_manifest, write_manifest
-    from digilut.model import select_device
-    from digilut.predict import patch_metrics, predict_patches
+    from digilut.predict import patch_metrics
+    from digilut.steps.predict import predict_step
 
     try:
-        cfg = PredictConfig(**options)
-        dev = select_device(device)
-        df = read_manifest(manifest)
-        if split != "all" and "split" in df.columns:
-            df = df[df["split"] == split]
-        files = [m / "model.pt" if m.is_dir() else m for m in models]
         root = manifest if manifest.is_dir() else manifest.parent
-        pred = predict_patches(df, root, files, cfg, dev)
+        pred = predict_step(root, manifest, models, out, PredictConfig(**options), rows=split, device=device)
     except DigilutError as err:
         raise _fail(err) from err
-    write_manifest(pred, out)
-    msg = f"{len(pred)} patches × {len(files)} model(s) -> {out}"
+    msg = f"{len(pred)} patches × {len(models)} model(s) -> {out}"
     if "label" in pred.columns and len(pred):
         m = patch_metrics(pred["label"].to_numpy(), pred["prob"].to_numpy())
         msg += f"; patch AUROC {m.auroc:.4f}"
