@@ -80,7 +80,7 @@ def test_gpu_flag_unset_or_off_trains_on_the_cpu(manifest: Path, tmp_path: Path)
     code = (
         "import sys, dataclasses\n"
         "from pathlib import Path\n"
-        "from digilut.steps import train_step\n"
+        "from digilut.steps.train import train_step\n"
         "from digilut.tracking import TrackingConfig\n"
         "from digilut.train_config import TrainConfig\n"
         "m = Path(sys.argv[1])\n"
