@@ -47,22 +47,25 @@ def test_an_option_that_is_also_a_config_field_is_refused() -> None:
         config_options(SplitConfig)(command)
 
 
-def test_prepare_and_split_on_folders(tiny_data: Path, tmp_path: Path) -> None:
+def test_prepare_and_split_on_folders(tiny_data: Path, tiny_prepared, tmp_path: Path) -> None:
     runner = CliRunner()
-    out = tmp_path / "out"
-    args = ["prepare", str(tiny_data), str(out), "--workers", "0", "--label-min-overlap", "0.2"]
+    data, out = tmp_path / "data", tmp_path / "out"
+    (data / "images").mkdir(parents=True)
+    for slide in sorted((tiny_data / "images").iterdir())[:2]:  # one patient's two slides
+        (data / "images" / slide.name).symlink_to(slide)
+    (data / "train.csv").write_text((tiny_data / "train.csv").read_text())  # other slides' rows dropped
+    args = ["prepare", str(data), str(out), "--workers", "0", "--label-min-overlap", "0.2"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "6/6 slides ok, 0 failed" in result.output
+    assert "2/2 slides ok, 0 failed" in result.output
     m = read_manifest(out, require=("label",))
-    assert len(list(out.glob("*.shard"))) == 6 and m["label"].sum() > 0
+    assert len(list(out.glob("*.shard"))) == 2 and m["label"].sum() > 0
     assert json.loads((out / "report.json").read_text())["config"]["stride_px"] == 256
     again = runner.invoke(app, args)  # a re-run reuses every slide
     assert again.exit_code == 0 and read_manifest(out).equals(m)
-    result = runner.invoke(
-        app, ["split", str(out / "manifest.parquet"), str(out / "split.parquet"), "--test-fraction", "0",
-              "--folds", "2"],
-    )  # fmt: skip
+    labelled = tiny_prepared[0] / "manifest.parquet"  # 3 patients
+    split_args = ["split", str(labelled), str(out / "split.parquet"), "--test-fraction", "0", "--folds", "2"]
+    result = runner.invoke(app, split_args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1]) == {"train/0": 2, "train/1": 1}
     assert json.loads((out / "split.json").read_text())["config"]["folds"] == 2

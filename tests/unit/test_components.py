@@ -50,19 +50,28 @@ def _components() -> dict[str, Any]:
 # --- the data half: list_source → ingest → extract → merge → label → split_patients -------------
 
 
+def _subset(tiny_data: Path, folder: Path, n: int) -> Path:
+    """A data folder with the first ``n`` slides of ``tiny_data`` (linked) and their boxes."""
+    names = sorted(p.name for p in (tiny_data / "images").iterdir())[:n]
+    (folder / "images").mkdir(parents=True)
+    for name in names:
+        (folder / "images" / name).symlink_to(tiny_data / "images" / name)
+    boxes = pd.read_csv(tiny_data / "train.csv")
+    boxes[boxes["filename"].isin(names)].to_csv(folder / "train.csv", index=False)
+    return folder
+
+
 @pytest.fixture(scope="module")
-def data_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def data_run(tiny_data: Path, tiny_prepared, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The data components on 4 slides of 2 patients; split_patients on ``tiny_prepared`` (3 patients)."""
     tmp = tmp_path_factory.mktemp("components_data")
-    data = str(tiny_data)
-    out: dict[str, Any] = {"source": patches.list_source.python_func(data_uri=data)}
+    data = str(_subset(tiny_data, tmp / "data", 4))
+    out: dict[str, Any] = {"data": Path(data), "source": patches.list_source.python_func(data_uri=data)}
     out["annotations"] = _art(dsl.Dataset, tmp, "annotations")
     out["batches"] = patches.ingest.python_func(
-        data_uri=data,
-        source=out["source"],
-        slides_per_batch=4,
-        require_boxes=True,
+        data_uri=data, source=out["source"], slides_per_batch=2, require_boxes=True,
         annotations=out["annotations"],
-    )
+    )  # fmt: skip
     out["extracted"] = [_art(dsl.Dataset, tmp, f"extracted{k}") for k in range(len(out["batches"]))]
     for batch, art in zip(out["batches"], out["extracted"], strict=True):
         patches.extract.python_func(
@@ -78,25 +87,26 @@ def data_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         patches=out["patches"], annotations=out["annotations"], label_mode="patch_fraction",
         label_min_overlap=0.1, labels=out["labels"],
     )  # fmt: skip
+    prepared = _art(dsl.Dataset, tiny_prepared[0].parent, tiny_prepared[0].name)  # labelled, 3 patients
     out["split"] = _art(dsl.Dataset, tmp, "split")
     out["folds"] = patches.split_patients.python_func(
-        labels=out["labels"], test_fraction=0.34, folds=2, neg_per_pos=3.0, seed=0, split=out["split"]
+        labels=prepared, test_fraction=0.34, folds=2, neg_per_pos=3.0, seed=0, split=out["split"]
     )
     out["store"] = tmp / "store"
     return out
 
 
-def test_list_source_and_ingest_return_the_listing_and_the_slide_batches(data_run, tiny_data) -> None:
-    slides = sorted(p.name for p in (tiny_data / "images").iterdir())
+def test_list_source_and_ingest_return_the_listing_and_the_slide_batches(data_run) -> None:
+    slides = sorted(p.name for p in (data_run["data"] / "images").iterdir())
     assert [s["name"] for s in data_run["source"]["slides"]] == slides
     assert sorted(s["name"] for b in data_run["batches"] for s in b) == slides
-    assert all(len(b) <= 4 for b in data_run["batches"]) and len(data_run["batches"]) == 2
+    assert [len(b) for b in data_run["batches"]] == [2, 2]  # a patient's two slides per batch
     boxes = pd.read_csv(Path(data_run["annotations"].path) / "boxes.csv")
     assert set(boxes["filename"]) <= set(slides) and len(boxes) > 0
 
 
-def test_extract_and_merge_write_their_artifacts_and_metadata(data_run, tiny_data) -> None:
-    n_slides = len(list((tiny_data / "images").iterdir()))
+def test_extract_and_merge_write_their_artifacts_and_metadata(data_run) -> None:
+    n_slides = len(list((data_run["data"] / "images").iterdir()))
     per_batch = [e.metadata["patches"] for e in data_run["extracted"]]
     assert all(n > 0 for n in per_batch) and all(e.metadata["failed"] == [] for e in data_run["extracted"])
     meta = data_run["patches"].metadata
