@@ -61,9 +61,10 @@ def make_slide(data: Path, size: str = "full") -> Path:
 
 def main(out: Path) -> None:
     from bench import quick, write_table
-    from digilut.extract import ExtractConfig, prepare_dataset
+    from digilut.extract import ExtractConfig
     from digilut.manifest import read_manifest
     from digilut.slide import read_slide_info
+    from digilut.steps.prepare import prepare_step
 
     data = out / "data"
     slide = make_slide(data, "tiny" if quick() else "full")
@@ -77,11 +78,11 @@ def main(out: Path) -> None:
 
     def ours() -> tuple[int, int, int]:
         shutil.rmtree(out / "ours", ignore_errors=True)
-        rep = prepare_dataset(single, out / "ours", cfg, workers=0, threads=available_cpus())
+        rep = prepare_step(single, out / "ours", cfg, workers=0, threads=available_cpus())
         if rep.failed:  # a benchmark of a refused slide measures nothing
             raise RuntimeError(f"extraction refused the benchmark slide: {rep.slides[slide.name].error}")
-        shard = next((out / "ours" / "shards").iterdir())
-        return rep.patches, shard.stat().st_size, len(list((out / "ours" / "shards").iterdir()))
+        shard = next((out / "ours").glob("*.shard"))
+        return rep.patches, shard.stat().st_size, len(list((out / "ours").glob("*.shard")))
 
     def original() -> tuple[int, int, int]:
         import fast

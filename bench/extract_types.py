@@ -155,9 +155,10 @@ def run_type(
     kind: str, level0: np.ndarray, work: Path, *, profile: bool = False
 ) -> dict[str, dict[str, float]]:
     """The four methods on one slide type; rows that cannot run (OpenSlide on strips) are left out."""
-    from digilut.extract import ExtractConfig, prepare_dataset
+    from digilut.extract import ExtractConfig
     from digilut.manifest import read_manifest
     from digilut.slide import choose_level, read_slide_info
+    from digilut.steps.prepare import prepare_step
 
     data = work / kind
     (data / "images").mkdir(parents=True, exist_ok=True)
@@ -170,8 +171,8 @@ def run_type(
 
     def ours() -> tuple[int, int, int]:
         shutil.rmtree(out, ignore_errors=True)
-        rep = prepare_dataset(data, out, cfg, workers=0, threads=1)
-        shards = list((out / "shards").iterdir())
+        rep = prepare_step(data, out, cfg, workers=0, threads=1)
+        shards = list(out.glob("*.shard"))
         return rep.patches, sum(s.stat().st_size for s in shards), len(shards)
 
     results: dict[str, dict[str, float]] = {"(a) digilut prepare, 1 thread": _timed(ours)}

@@ -80,9 +80,10 @@ def prepare_data(out: Path) -> tuple[Path, Path, Path, Path]:
     The training slides are also extracted at stride 128 (``train-patches-128``): the out-of-fold
     predictions that tune the boxes step are made on that grid, the test slides' grid.
     """
-    from digilut.extract import ExtractConfig, prepare_dataset
+    from digilut.extract import ExtractConfig
     from digilut.manifest import read_manifest, write_manifest
     from digilut.split import SplitConfig, split_dataset
+    from digilut.steps.prepare import prepare_step
     from digilut.synth import synth_dataset
     from digilut.synth_plan import SynthConfig
 
@@ -103,18 +104,18 @@ def prepare_data(out: Path) -> tuple[Path, Path, Path, Path]:
     workers = sc["workers"]
     split_path = out / "train-patches" / "split.parquet"
     if not split_path.is_file():
-        prepare_dataset(train_raw, out / "train-patches", ExtractConfig(stride_px=256), workers=workers)
+        prepare_step(train_raw, out / "train-patches", ExtractConfig(stride_px=256), workers=workers)
         df = read_manifest(out / "train-patches" / "manifest.parquet", require=("label",))
         write_manifest(
             split_dataset(df, SplitConfig(test_fraction=0.0, folds=sc["folds"], neg_per_pos=3.0)), split_path
         )
     if not (out / "train-patches-128" / "manifest.parquet").is_file():
-        prepare_dataset(train_raw, out / "train-patches-128", ExtractConfig(stride_px=128), workers=workers)
+        prepare_step(train_raw, out / "train-patches-128", ExtractConfig(stride_px=128), workers=workers)
     held_path = out / "heldout-patches" / "manifest.parquet"
     if held_raw == train_raw:
         held_path = out / "train-patches-128" / "manifest.parquet"
     elif not held_path.is_file():
-        prepare_dataset(held_raw, out / "heldout-patches", ExtractConfig(stride_px=128), workers=workers)
+        prepare_step(held_raw, out / "heldout-patches", ExtractConfig(stride_px=128), workers=workers)
     return split_path, train_raw / "train.csv", held_path, held_raw / "train.csv"
 
 

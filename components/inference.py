@@ -1,4 +1,5 @@
-"""Inference components: fetch a trained ensemble, predict every patch, write the submission.
+"""Components of the inference pipeline: fetch a trained ensemble, predict every patch, write the
+submission — each an adapter over one :mod:`digilut.steps` function.
 
 No ``from __future__ import annotations`` here: KFP reads the real annotation objects.
 """
@@ -29,11 +30,11 @@ def predict_all(patches: Input[Dataset], models: Input[Model], batch_size: int, 
     from pathlib import Path
 
     from digilut.predict import PredictConfig
+    from digilut.steps.common import config_from
     from digilut.steps.predict import predict_all_step
 
-    out = predict_all_step(
-        Path(patches.path), Path(models.path), Path(predictions.path), PredictConfig(batch_size=batch_size)
-    )
+    cfg = config_from(PredictConfig, locals())
+    out = predict_all_step(Path(patches.path), Path(models.path), Path(predictions.path), cfg)
     predictions.metadata.update({"patches": len(out)})
 
 
@@ -45,11 +46,9 @@ def submission(
     from pathlib import Path
 
     from digilut.boxes import BoxesConfig
-    from digilut.locations import publish_results
+    from digilut.steps.common import config_from
     from digilut.steps.submission import submission_step
 
-    path = submission_step(
-        data_uri, Path(predictions.path), Path(results.path), BoxesConfig(method=boxes_method)
-    )
-    publish_results(Path(results.path), results_uri)
+    cfg = config_from(BoxesConfig, locals(), prefix="boxes_")
+    path = submission_step(data_uri, Path(predictions.path), Path(results.path), cfg, results_uri)
     results.metadata.update({"submission": path.name})

@@ -1,6 +1,7 @@
 """The ``digilut`` command line: a thin layer over the library.
 
-Each command group lives in ``digilut/commands/<name>.py`` with a ``register(app)`` function; this
+Each command group lives in ``digilut/commands/<name>.py`` with a ``register(app)`` function (their
+options come from the config dataclasses through ``digilut/commands/options.py``); this
 module only wires them together and configures logging (the one place that does).
 """
 
@@ -39,5 +40,7 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-for _mod in sorted(m.name for m in pkgutil.iter_modules(digilut.commands.__path__)):
-    importlib.import_module(f"digilut.commands.{_mod}").register(app)
+for _name in sorted(m.name for m in pkgutil.iter_modules(digilut.commands.__path__)):
+    _mod = importlib.import_module(f"digilut.commands.{_name}")
+    if hasattr(_mod, "register"):  # a command group (``options`` is the generator they share)
+        _mod.register(app)

@@ -2,17 +2,15 @@
 
 ``extract_slide`` does one slide: pyFAST tissue mask → patch grid at the target resolution (level
 chosen from the slide's mpp; resized from the closest finer level when none matches) → pixels read
-tile by tile → JPEG → one shard + a manifest part + a thumbnail. ``prepare_dataset`` runs it over a
-data folder (``DATA/images/*.tif`` + ``DATA/train.csv``), slide by slide in worker processes, with a
-per-slide report, resume, and labels.
+tile by tile → JPEG → one shard + a manifest part + a thumbnail. ``extract_slides`` runs it over
+many slides in worker processes, a failing slide reported, never fatal; the ``extract`` step
+(:mod:`digilut.steps.extract`) publishes the shards to the shard store.
 
-Output layout (all paths in the manifest are relative to ``OUT``)::
+Output layout of ``extract_slide`` (all paths in a part are relative to ``OUT``)::
 
     OUT/shards/<stem>.shard        JPEG patches of one slide (see digilut.shards)
     OUT/parts/<stem>.parquet       that slide's manifest rows
     OUT/thumbnails/<stem>.png      whole-slide thumbnail (long side ≤ 1024 px)
-    OUT/manifest.parquet           all slides' rows (+ overlap/label when boxes are given)
-    OUT/report.json                per-slide status, patch count, seconds, error
 """
 
 from __future__ import annotations
@@ -36,17 +34,12 @@ from PIL import Image
 
 from digilut.annotations import (
     check_slide_name,
-    check_slide_sizes,
-    list_slides,
     patient_of,
-    read_boxes_csv,
 )
-from digilut.cpus import available_cpus
 from digilut.errors import ConfigError, DigilutError, SlideReadError, TissueNotFoundError
 from digilut.files import atomic_write, file_sha256
-from digilut.labels import LabelConfig, label_patches
 from digilut.level_reader import CACHE_BYTES
-from digilut.manifest import EXTRACT_COLUMNS, MANIFEST_NAME, conform, write_manifest
+from digilut.manifest import EXTRACT_COLUMNS, write_manifest
 from digilut.patch_reader import MASK_PX, CellReads, Grid, ReadPlan, lay_grid, read_overview, read_patches
 from digilut.shards import write_shard
 from digilut.slide import choose_level, read_slide_info
@@ -61,13 +54,17 @@ MAX_WHOLE_LEVEL_PX = 64 * 2**20
 SlideStatus = Literal["ok", "empty", "failed"]
 
 
+TRAIN_STRIDE_PX = 256  # the training grid: patches side by side (``digilut prepare``)
+INFERENCE_STRIDE_PX = 128  # the inference grid: 50% overlap, finer heatmaps (both pipelines, all slides)
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """How patches are cut. Sizes are in pixels *at the target resolution* (``target_mpp``)."""
 
     patch_px: int = 256
     target_mpp: float = 0.5  # 20x
-    stride_px: int = 256  # 128 = 50% overlap (inference)
+    stride_px: int = TRAIN_STRIDE_PX  # INFERENCE_STRIDE_PX for slides whose boxes are predicted
     min_tissue_fraction: float = 0.5
     tissue_threshold: int = 85  # FAST colour threshold: distance from white
     slide_mpp: float | None = None  # override for slides without mpp metadata
@@ -270,7 +267,7 @@ def _extract_safely(slide_path: str, out_dir: str, cfg: ExtractConfig, threads: 
 
 @dataclass
 class PrepareReport:
-    """Per-slide results of :func:`prepare_dataset` plus totals; saved as ``report.json``."""
+    """Per-slide results of the steps ``extract`` and ``merge`` plus totals; saved as ``report.json``."""
 
     slides: dict[str, SlidePatches]
     seconds: float = 0.0
@@ -384,69 +381,3 @@ def extract_slides(
                     )
                 )
     return results
-
-
-def prepare_dataset(
-    data_dir: str | Path,
-    out_dir: str | Path,
-    cfg: ExtractConfig,
-    *,
-    workers: int = 1,
-    threads: int | None = None,
-    label_cfg: LabelConfig | None = None,
-) -> PrepareReport:
-    """Extract every slide of ``data_dir/images`` into ``out_dir`` and label the patches.
-
-    Boxes come from ``data_dir/train.csv`` when it exists (validated row by row; bad rows are
-    dropped and listed in the report). Re-running reuses slides already extracted with the same
-    settings. ``threads`` per slide default to the cores shared among the slides in flight.
-    Returns the report (also written to ``out_dir/report.json``).
-    """
-    t0 = time.perf_counter()
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    images = data_dir / "images"
-    if not images.is_dir():
-        raise FileNotFoundError(f"{images}: no images folder (expected DATA/images/*.tif)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report_path = out_dir / "report.json"
-    previous = PrepareReport.load(report_path).slides if report_path.is_file() else {}
-    problems: list[str] = []  # skipped slide files, dropped/corrected CSV rows
-    slides = [images / s for s in list_slides(images, problems=problems)]
-    log.info("prepare: %d slides in %s -> %s (%s)", len(slides), images, out_dir, cfg)
-    if threads is None:  # share the cores between the slides in flight
-        threads = max(1, available_cpus() // max(1, min(workers, len(slides))))
-    results = extract_slides(slides, out_dir, cfg, workers=workers, threads=threads, previous=previous)
-    parts = [
-        pd.read_parquet(out_dir / "parts" / f"{_stem(s)}.parquet")
-        for s, r in sorted(results.items())
-        if r.status == "ok"
-    ]
-    manifest = (
-        conform(pd.concat(parts, ignore_index=True)) if parts else pd.DataFrame(columns=list(EXTRACT_COLUMNS))
-    )
-    csv = data_dir / "train.csv"
-    if csv.is_file():
-        table = read_boxes_csv(csv, slides=[p.name for p in slides])
-        table.log_problems()
-        problems += [str(p) for p in table.problems]
-        sizes = {s: (r.width, r.height) for s, r in results.items() if r.status == "ok"}
-        boxes, size_problems, wrong_size = check_slide_sizes(table.rows, sizes)
-        for msg in size_problems:
-            log.warning("%s", msg)
-        problems += size_problems
-        manifest = manifest[~manifest["slide"].isin(wrong_size)].reset_index(drop=True)
-        manifest = label_patches(manifest, boxes, label_cfg or LabelConfig())
-    write_manifest(manifest, out_dir / MANIFEST_NAME)
-    report = PrepareReport(results, time.perf_counter() - t0, dataclasses.asdict(cfg), problems)
-    atomic_write(report_path, [report.to_json().encode()])
-    n_ok = sum(r.status == "ok" for r in results.values())
-    log.info(
-        "prepare: %d/%d slides ok, %d failed, %d empty; %d patches in %.1fs",
-        n_ok,
-        len(results),
-        len(report.failed),
-        sum(r.status == "empty" for r in results.values()),
-        report.patches,
-        report.seconds,
-    )
-    return report

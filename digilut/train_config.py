@@ -190,6 +190,12 @@ class FoldResult:
         atomic_write(path, [json.dumps(dataclasses.asdict(self), indent=2, allow_nan=True).encode()])
         return path
 
+    def artifact_metadata(self) -> dict[str, Any]:
+        """What the KFP UI shows of the fold's model artifact."""
+        init = self.init.get("label", "")
+        return {"fold": self.fold, "best_epoch": self.best_epoch, "framework": "pytorch",
+                "mlflow_run_id": self.mlflow_run_id or "", "init": init}  # fmt: skip
+
     @classmethod
     def load(cls, path: str | Path) -> FoldResult:
         path = Path(path)

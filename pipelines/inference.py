@@ -13,11 +13,11 @@ from kfp import dsl
 
 from components.inference import fetch_models, predict_all, submission
 from digilut.boxes import BoxesConfig
-from digilut.extract import ExtractConfig
+from digilut.extract import INFERENCE_STRIDE_PX, ExtractConfig
 from digilut.predict import PredictConfig
 from pipelines.training import extract_and_merge, ingest_source, on_gpu, use_s3_and_tracking
 
-_E, _P, _B = ExtractConfig(), PredictConfig(), BoxesConfig()
+EXTRACT_DEFAULTS, PREDICT_DEFAULTS, BOXES_DEFAULTS = ExtractConfig(), PredictConfig(), BoxesConfig()
 
 
 @dsl.pipeline(
@@ -27,17 +27,17 @@ def inference(
     data_uri: str,
     model_uri: str,
     results_uri: str = "",
-    batch_size: int = 8,
-    patch_px: int = _E.patch_px,
-    target_mpp: float = _E.target_mpp,
-    stride_px: int = 128,
-    min_tissue_fraction: float = _E.min_tissue_fraction,
-    tissue_threshold: int = _E.tissue_threshold,
-    predict_batch_size: int = _P.batch_size,
-    boxes_method: str = _B.method,
+    slides_per_batch: int = 8,
+    patch_px: int = EXTRACT_DEFAULTS.patch_px,
+    target_mpp: float = EXTRACT_DEFAULTS.target_mpp,
+    stride_px: int = INFERENCE_STRIDE_PX,
+    min_tissue_fraction: float = EXTRACT_DEFAULTS.min_tissue_fraction,
+    tissue_threshold: int = EXTRACT_DEFAULTS.tissue_threshold,
+    predict_batch_size: int = PREDICT_DEFAULTS.batch_size,
+    boxes_method: str = BOXES_DEFAULTS.method,
     shards_uri: str = "",
 ) -> None:
-    ing = ingest_source(data_uri, batch_size, require_boxes=False)
+    ing = ingest_source(data_uri, slides_per_batch, require_boxes=False)
     mg = extract_and_merge(
         ing,
         data_uri,

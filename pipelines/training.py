@@ -12,17 +12,20 @@ Every knob is a pipeline parameter whose default comes from the library's config
 same name, so the CLI, the library and the pipeline agree. ParallelFor parallelism is fixed when
 compiling (KFP takes no run-time value there): ``DIGILUT_EXTRACT_PARALLELISM`` and
 ``DIGILUT_TRAIN_PARALLELISM`` (0 = unbounded).
+
+``training`` is longer than the usual 80 lines: ~40 of them are its signature (each parameter
+one line, the run's settings as the KFP UI shows them); the body only wires tasks together.
 """
 
 import os
 
 from kfp import dsl, kubernetes
 
-from components.data import extract, ingest, label, list_source, merge, split_patients
-from components.model import evaluate, predict, start_tracking, train_fold
+from components.patches import extract, ingest, label, list_source, merge, split_patients
+from components.training import evaluate, predict, start_tracking, train_fold
 from digilut import k8s
 from digilut.boxes import BoxesConfig
-from digilut.extract import ExtractConfig
+from digilut.extract import INFERENCE_STRIDE_PX, ExtractConfig
 from digilut.labels import LabelConfig
 from digilut.predict import PredictConfig
 from digilut.split import SplitConfig
@@ -36,14 +39,8 @@ TRAIN_PARALLELISM = int(os.environ.get("DIGILUT_TRAIN_PARALLELISM", "0"))
 EXTRACT_SCRATCH = "96Gi"
 TRAIN_SCRATCH = "40Gi"
 SCRATCH_PATH = "/tmp"
-_E, _L, _S, _T, _P, _B = (
-    ExtractConfig(),
-    LabelConfig(),
-    SplitConfig(),
-    TrainConfig(),
-    PredictConfig(),
-    BoxesConfig(),
-)
+EXTRACT_DEFAULTS, LABEL_DEFAULTS, SPLIT_DEFAULTS = ExtractConfig(), LabelConfig(), SplitConfig()
+TRAIN_DEFAULTS, PREDICT_DEFAULTS, BOXES_DEFAULTS = TrainConfig(), PredictConfig(), BoxesConfig()
 
 
 def non_root(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -82,13 +79,15 @@ def on_gpu(task: dsl.PipelineTask, *, cpu: str = "8", memory: str = "48Gi") -> d
     return task
 
 
-def ingest_source(data_uri: str, batch_size: int, require_boxes: bool) -> dsl.PipelineTask:
+def ingest_source(data_uri: str, slides_per_batch: int, require_boxes: bool) -> dsl.PipelineTask:
     """An uncached listing of the source (slide names, sizes, ETags; train.csv's ETag) feeding a cached
     ingest: the backend compares parameters by value but input artifacts by identity
     (backend/src/v2/cacheutils/cache.go, ``GenerateCacheKey``), so a listing parameter lets ingest and
     everything after it hit the cache while the data is unchanged, and miss when a file changed."""
     src = use_s3_and_tracking(list_source(data_uri=data_uri)).set_caching_options(False)
-    ing = ingest(data_uri=data_uri, source=src.output, batch_size=batch_size, require_boxes=require_boxes)
+    ing = ingest(
+        data_uri=data_uri, source=src.output, slides_per_batch=slides_per_batch, require_boxes=require_boxes
+    )
     return use_s3_and_tracking(ing).set_caching_options(True)
 
 
@@ -119,36 +118,36 @@ def extract_and_merge(ing: dsl.PipelineTask, data_uri: str, **extract_params: ob
 def training(
     data_uri: str,
     results_uri: str = "",
-    batch_size: int = 8,
-    patch_px: int = _E.patch_px,
-    target_mpp: float = _E.target_mpp,
-    stride_px: int = 128,
-    min_tissue_fraction: float = _E.min_tissue_fraction,
-    tissue_threshold: int = _E.tissue_threshold,
-    label_mode: str = _L.mode,
-    label_min_overlap: float = _L.min_overlap,
-    test_fraction: float = _S.test_fraction,
-    folds: int = _S.folds,
-    neg_per_pos: float = _S.neg_per_pos,
-    arch: str = _T.arch,
-    weights: str = _T.weights,
-    loss: str = _T.loss,
-    input_px: int = _T.input_px,
-    stain_norm: str = _T.stain_norm,
-    stain_scale: float = _T.stain_scale,
-    stain_shift: float = _T.stain_shift,
-    epochs: int = _T.epochs,
-    train_batch_size: int = _T.batch_size,
-    lr: float = _T.lr,
-    patches_per_epoch: int = _T.patches_per_epoch,
-    max_val_patches: int = _T.max_val_patches,
+    slides_per_batch: int = 8,
+    patch_px: int = EXTRACT_DEFAULTS.patch_px,
+    target_mpp: float = EXTRACT_DEFAULTS.target_mpp,
+    stride_px: int = INFERENCE_STRIDE_PX,
+    min_tissue_fraction: float = EXTRACT_DEFAULTS.min_tissue_fraction,
+    tissue_threshold: int = EXTRACT_DEFAULTS.tissue_threshold,
+    label_mode: str = LABEL_DEFAULTS.mode,
+    label_min_overlap: float = LABEL_DEFAULTS.min_overlap,
+    test_fraction: float = SPLIT_DEFAULTS.test_fraction,
+    folds: int = SPLIT_DEFAULTS.folds,
+    neg_per_pos: float = SPLIT_DEFAULTS.neg_per_pos,
+    arch: str = TRAIN_DEFAULTS.arch,
+    weights: str = TRAIN_DEFAULTS.weights,
+    loss: str = TRAIN_DEFAULTS.loss,
+    input_px: int = TRAIN_DEFAULTS.input_px,
+    stain_norm: str = TRAIN_DEFAULTS.stain_norm,
+    stain_scale: float = TRAIN_DEFAULTS.stain_scale,
+    stain_shift: float = TRAIN_DEFAULTS.stain_shift,
+    epochs: int = TRAIN_DEFAULTS.epochs,
+    train_batch_size: int = TRAIN_DEFAULTS.batch_size,
+    lr: float = TRAIN_DEFAULTS.lr,
+    patches_per_epoch: int = TRAIN_DEFAULTS.patches_per_epoch,
+    max_val_patches: int = TRAIN_DEFAULTS.max_val_patches,
     checkpoint_uri: str = "",
     shards_uri: str = "",
-    cpu_threads: int = _T.cpu_threads,
-    predict_batch_size: int = _P.batch_size,
-    boxes_method: str = _B.method,
+    cpu_threads: int = TRAIN_DEFAULTS.cpu_threads,
+    predict_batch_size: int = PREDICT_DEFAULTS.batch_size,
+    boxes_method: str = BOXES_DEFAULTS.method,
     tune_boxes: bool = True,
-    seed: int = _S.seed,
+    seed: int = SPLIT_DEFAULTS.seed,
     experiment: str = "digilut",
     run_name: str = "digilut-training",
     register_model: str = "",
@@ -161,7 +160,7 @@ def training(
     ``shards_uri``: the shard store, a folder or ``s3://`` prefix where extraction puts the patch shards
     that training and prediction read by ranged GET ("" = ``<data_uri>/digilut-shards``)."""
     run_params = dict(locals())  # every parameter above, logged on the MLflow parent run
-    ing = ingest_source(data_uri, batch_size, require_boxes=True)
+    ing = ingest_source(data_uri, slides_per_batch, require_boxes=True)
     tracking = use_s3_and_tracking(
         start_tracking(
             run_name=run_name,

@@ -48,8 +48,9 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_prepared(tiny_data, tmp_path_factory: pytest.TempPathFactory):
     """``tiny_data`` extracted and labelled at stride 256 (in process)."""
-    from digilut.extract import ExtractConfig, prepare_dataset
+    from digilut.extract import ExtractConfig
+    from digilut.steps.prepare import prepare_step
 
     out = tmp_path_factory.mktemp("tiny_prepared")
-    report = prepare_dataset(tiny_data, out, ExtractConfig(), workers=0)
+    report = prepare_step(tiny_data, out, ExtractConfig(), workers=0)
     return out, report

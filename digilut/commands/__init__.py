@@ -1,1 +1,1 @@
-"""CLI command groups: each module defines ``register(app: typer.Typer) -> None``."""
+"""CLI command groups: each module but ``options`` defines ``register(app: typer.Typer) -> None``."""

@@ -2,22 +2,21 @@
 
 Box columns everywhere: ``x1,x2`` = xmin,xmax and ``y1,y2`` = ymin,ymax, level-0 pixels, as in the
 challenge CSV header. The ``boxes`` options are generated from
-:class:`~digilut.boxes.BoxesConfig`'s fields: same names, same defaults.
+:class:`~digilut.boxes.BoxesConfig`'s fields (:mod:`digilut.commands.options`): same names, same
+defaults.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import typer
 
-from digilut.boxes import BoxesConfig, slide_boxes
+from digilut.boxes import BoxesConfig
+from digilut.commands.options import config_options
 from digilut.errors import DigilutError
 
 _BOXES_HELP = {
@@ -40,29 +39,6 @@ _BOXES_HELP = {
 }
 
 
-def _with_config_options(
-    cls: type, help_text: dict[str, str]
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Give a command one ``--option`` per field of the dataclass ``cls`` (same name and default)."""
-
-    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
-        sig = inspect.signature(func)
-        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        extra = [
-            inspect.Parameter(
-                f.name,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(f.default, help=help_text.get(f.name, f"{cls.__name__}.{f.name}")),
-                annotation=type(f.default),
-            )
-            for f in dataclasses.fields(cls)
-        ]
-        func.__signature__ = sig.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
-        return func
-
-    return wrap
-
-
 def _fail(err: Exception) -> typer.Exit:
     typer.echo(f"error: {err}", err=True)
     return typer.Exit(2)
@@ -83,7 +59,7 @@ def _counts_and_truth(path: Path) -> tuple[dict[str, int], pd.DataFrame | None, 
     return {str(k): int(v) for k, v in truth.groupby("filename").size().items()}, truth, None
 
 
-@_with_config_options(BoxesConfig, _BOXES_HELP)
+@config_options(BoxesConfig, help=_BOXES_HELP)
 def boxes(
     probs: Path = typer.Argument(
         ..., help="Patches with probabilities (Parquet): slide, x0, y0, w0, h0 (level-0 px), prob."
@@ -115,8 +91,8 @@ def boxes(
 
     Boxes in level-0 px: x1,x2 = xmin,xmax and y1,y2 = ymin,ymax.
     """
-    from digilut.files import atomic_write
-    from digilut.heatmap import build_heatmaps
+    from digilut.geojson import to_asap_xml
+    from digilut.steps.submission import write_boxes
 
     try:
         cfg = BoxesConfig(**config)
@@ -124,9 +100,8 @@ def boxes(
         counts, truth, test_list = _counts_and_truth(counts_from) if counts_from else (None, None, None)
         if submission is not None and test_list is None:
             raise typer.BadParameter("--submission needs --counts-from TEST_LIST (a CSV with trustii_id)")
-        hms = build_heatmaps(patches, stride_px=stride_px)
-        result = slide_boxes(patches, counts, cfg, heatmaps=hms)
-        atomic_write(out, [result.to_csv(index=False).encode()])
+        found = write_boxes(patches, counts, cfg, out, geojson, truth=truth, stride_px=stride_px)
+        result, hms = found.boxes, found.heatmaps
         typer.echo(f"{len(result)} box(es) for {result['filename'].nunique()} slide(s) → {out}")
         if submission is not None and test_list is not None:
             from digilut.submission import write_submission
@@ -136,7 +111,11 @@ def boxes(
         if pictures is not None:
             _pictures(pictures, hms, result, truth, counts)
         if geojson is not None:
-            _geojson(geojson, hms, result, truth, counts, asap)
+            if asap:
+                for path in found.geojson.values():
+                    path.with_suffix(".xml").write_text(to_asap_xml(json.loads(path.read_text())))
+            extra = ", ASAP XML too" if asap else ""
+            typer.echo(f"geojson → {geojson} ({len(found.geojson)} slide(s){extra})")
     except (DigilutError, OSError, ValueError) as err:
         if isinstance(err, typer.BadParameter):
             raise
@@ -167,26 +146,6 @@ def _pictures(
             folder / f"{Path(slide).stem}.png", f2=f2.get(slide), n=(counts or {}).get(slide),
         )  # fmt: skip
     typer.echo(f"pictures → {folder}")
-
-
-def _geojson(
-    folder: Path,
-    hms: dict[str, Any],
-    result: pd.DataFrame,
-    truth: pd.DataFrame | None,
-    counts: dict[str, int] | None,
-    asap: bool,
-) -> None:
-    import json
-
-    from digilut.geojson import to_asap_xml, write_geojson
-
-    slides = sorted(hms if counts is None else set(counts) & set(hms))
-    paths = write_geojson(folder, result, hms, truth, slides=slides)
-    if asap:
-        for path in paths.values():
-            path.with_suffix(".xml").write_text(to_asap_xml(json.loads(path.read_text())))
-    typer.echo(f"geojson → {folder} ({len(paths)} slide(s){', ASAP XML too' if asap else ''})")
 
 
 def score(

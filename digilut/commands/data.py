@@ -4,10 +4,35 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from digilut.commands.options import config_options
 from digilut.errors import DigilutError
+from digilut.extract import ExtractConfig
+from digilut.labels import LabelConfig
+from digilut.split import SplitConfig
+
+_PREPARE_HELP = {
+    "patch_px": "Patch side in pixels at the target resolution.",
+    "target_mpp": "Target µm/px (0.5 = 20x).",
+    "stride_px": "Grid stride at the target resolution: 256 = the training grid, 128 = the inference "
+    "grid (50% overlap; what the pipelines use for every slide).",
+    "min_tissue_fraction": "Keep patches with at least this tissue fraction.",
+    "tissue_threshold": "FAST colour threshold (distance from white).",
+    "slide_mpp": "µm/px of slides without mpp metadata (DigiLut: 0.25).",
+    "jpeg_quality": "JPEG quality of the stored patches.",
+    "max_constant_fraction": "A slide with more unreadable (flat/garbled) tissue patches is refused.",
+    "label_mode": "patch_fraction (∩/patch area) or iou.",
+    "label_min_overlap": "Patch is a lesion at this overlap with a box.",
+}
+_SPLIT_HELP = {
+    "test_fraction": "Share of patients held out for testing.",
+    "folds": "Cross-validation folds over the training patients.",
+    "neg_per_pos": "Negatives kept per positive in training (0 = all).",
+    "seed": "Random seed.",
+}
 
 
 def register(app: typer.Typer) -> None:
@@ -37,41 +62,24 @@ def synth(
     typer.echo(f"{2 * patients} slides, {len(df)} boxes -> {out}/images, {out}/train.csv")
 
 
+@config_options(ExtractConfig, (LabelConfig, "label_"), help=_PREPARE_HELP)
 def prepare(
     data: Path = typer.Argument(..., help="Data folder with images/*.tif and (optionally) train.csv."),
-    out: Path = typer.Argument(..., help="Output folder for shards, manifest.parquet, report.json."),
-    patch_px: int = typer.Option(256, help="Patch side in pixels at the target resolution."),
-    target_mpp: float = typer.Option(0.5, help="Target µm/px (0.5 = 20x)."),
-    stride_px: int = typer.Option(256, help="Grid stride at the target resolution (128 = 50% overlap)."),
-    min_tissue_fraction: float = typer.Option(0.5, help="Keep patches with at least this tissue fraction."),
-    tissue_threshold: int = typer.Option(85, help="FAST colour threshold (distance from white)."),
-    slide_mpp: float | None = typer.Option(
-        None, help="µm/px of slides without mpp metadata (DigiLut: 0.25)."
+    out: Path = typer.Argument(
+        ..., help="Output folder: manifest.parquet, report.json, one shard per slide, thumbnails/."
     ),
-    label_min_overlap: float = typer.Option(0.1, help="Patch is a lesion at this overlap with a box."),
-    label_mode: str = typer.Option("patch_fraction", help="patch_fraction (∩/patch area) or iou."),
     workers: int = typer.Option(2, help="Slides extracted in parallel worker processes (0 = in process)."),
+    **options: Any,
 ) -> None:
-    """Extract tissue patches of every slide with pyFAST into one shard per slide, then label them."""
-    from digilut.extract import ExtractConfig, prepare_dataset
-    from digilut.labels import LabelConfig
+    """Extract tissue patches of every slide with pyFAST into one shard per slide, then label them:
+    the pipeline's ingest, extract, merge and label steps on local folders."""
+    from digilut.steps.common import config_from
+    from digilut.steps.prepare import prepare_step
 
     try:
-        cfg = ExtractConfig(
-            patch_px=patch_px,
-            target_mpp=target_mpp,
-            stride_px=stride_px,
-            min_tissue_fraction=min_tissue_fraction,
-            tissue_threshold=tissue_threshold,
-            slide_mpp=slide_mpp,
-        )
-        report = prepare_dataset(
-            data,
-            out,
-            cfg,
-            workers=workers,
-            label_cfg=LabelConfig(mode=label_mode, min_overlap=label_min_overlap),  # type: ignore[arg-type]
-        )
+        cfg = config_from(ExtractConfig, options)
+        label_cfg = config_from(LabelConfig, options, prefix="label_")
+        report = prepare_step(data, out, cfg, label_cfg, workers=workers)
     except (DigilutError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
@@ -84,26 +92,24 @@ def prepare(
         typer.echo(f"  failed {name}: {report.slides[name].error}", err=True)
 
 
+@config_options(SplitConfig, help=_SPLIT_HELP)
 def split(
     manifest: Path = typer.Argument(..., help="Labelled manifest.parquet (from digilut prepare)."),
-    out: Path = typer.Argument(..., help="Output manifest with split, fold and sampled columns."),
-    test_fraction: float = typer.Option(0.25, help="Share of patients held out for testing."),
-    folds: int = typer.Option(3, help="Cross-validation folds over the training patients."),
-    neg_per_pos: float = typer.Option(3.0, help="Negatives kept per positive in training (0 = all)."),
-    seed: int = typer.Option(0, help="Random seed."),
+    out: Path = typer.Argument(
+        ..., help="Output manifest with split, fold and sampled columns (and OUT.json: who is where)."
+    ),
+    **options: Any,
 ) -> None:
     """Split patients into train/test, undersample negatives, assign folds (all by patient)."""
-    from digilut.manifest import read_manifest, write_manifest
-    from digilut.split import SplitConfig, split_dataset
+    from digilut.manifest import read_manifest
+    from digilut.steps.common import config_from
+    from digilut.steps.split import split_step
 
     try:
-        df = split_dataset(
-            read_manifest(manifest, require=("patient", "label")),
-            SplitConfig(test_fraction=test_fraction, folds=folds, neg_per_pos=neg_per_pos, seed=seed),
-        )
+        split_step(manifest, out, config_from(SplitConfig, options))
     except DigilutError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
-    write_manifest(df, out)
+    df = read_manifest(out)
     summary = df.groupby(["split", "fold"])["patient"].nunique().to_dict()
     typer.echo(json.dumps({f"{s}/{f}": n for (s, f), n in summary.items()}))

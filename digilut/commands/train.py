@@ -1,21 +1,22 @@
 """CLI: training and prediction (``digilut train | train-folds | predict | evaluate``).
 
-The training options are generated from :class:`~digilut.train.TrainConfig`'s fields: the same
+The training and prediction options are generated from :class:`~digilut.train_config.TrainConfig`'s
+and :class:`~digilut.predict.PredictConfig`'s fields (:mod:`digilut.commands.options`): the same
 names (``--input-px`` for ``input_px``) and the same defaults, defined once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from digilut.commands.options import config_options
 from digilut.errors import DigilutError, TrainingInterrupted
+from digilut.predict import PredictConfig
 from digilut.train_config import TrainConfig  # torch-free: the CLI starts fast
 
 _TRAIN_HELP = {
@@ -52,29 +53,12 @@ _TRAIN_HELP = {
     "seed": "Random seed (initialisation, sampling, augmentation).",
     "log_every_steps": "TensorBoard step-loss interval.",
 }
-
-
-def _with_config_options(
-    cls: type, help_text: dict[str, str]
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Give a command one ``--option`` per field of the dataclass ``cls`` (same name and default)."""
-
-    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
-        sig = inspect.signature(func)
-        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        extra = [
-            inspect.Parameter(
-                f.name,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(f.default, help=help_text.get(f.name, f"TrainConfig.{f.name}")),
-                annotation=type(f.default),
-            )
-            for f in dataclasses.fields(cls)
-        ]
-        func.__signature__ = sig.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
-        return func
-
-    return wrap
+_PREDICT_HELP = {
+    "batch_size": "Patches per inference batch.",
+    "num_workers": "DataLoader worker processes.",
+    "amp": "bf16 autocast on CUDA.",
+    "channels_last": "channels-last memory format on CUDA.",
+}
 
 
 def register(app: typer.Typer) -> None:
@@ -90,7 +74,7 @@ def _fail(err: Exception) -> typer.Exit:
     return typer.Exit(143 if isinstance(err, TrainingInterrupted) else 2)
 
 
-@_with_config_options(TrainConfig, _TRAIN_HELP)
+@config_options(TrainConfig, help=_TRAIN_HELP)
 def train(
     manifest: Path = typer.Argument(..., help="Split manifest.parquet (from digilut split)."),
     out: Path = typer.Argument(..., help="Output folder: writes OUT/fold<K>/model.pt, oof.parquet, …"),
@@ -103,19 +87,15 @@ def train(
     **options: Any,
 ) -> None:
     """Train one cross-validation fold (resumes an interrupted run; a finished fold returns at once)."""
-    from digilut.model import select_device
-    from digilut.tracking import Tracker, TrackingConfig
-    from digilut.train import train_fold
+    from digilut.steps.train import train_step
+    from digilut.tracking import TrackingConfig
 
     try:
-        cfg = TrainConfig(**options)
-        dev = select_device(device)
-        with Tracker(TrackingConfig(tracking_uri, experiment)) as tracker:
-            parent = tracker.attach(parent_run_id) if parent_run_id else None
-            result = train_fold(
-                manifest, fold, out / f"fold{fold}", cfg, dev, tracker=tracker, parent=parent,
-                max_epochs_this_run=max_epochs_this_run or None,
-            )  # fmt: skip
+        result = train_step(
+            manifest.parent, manifest, fold, out / f"fold{fold}", TrainConfig(**options),
+            TrackingConfig(tracking_uri, experiment), parent_run_id=parent_run_id, device=device,
+            max_epochs_this_run=max_epochs_this_run or None,
+        )  # fmt: skip
     except DigilutError as err:
         raise _fail(err) from err
     typer.echo(
@@ -124,7 +104,7 @@ def train(
     )
 
 
-@_with_config_options(TrainConfig, _TRAIN_HELP)
+@config_options(TrainConfig, help=_TRAIN_HELP)
 def train_folds(
     manifest: Path = typer.Argument(..., help="Split manifest.parquet (from digilut split)."),
     out: Path = typer.Argument(..., help="Output folder: OUT/fold<K>/ for every fold."),
@@ -134,65 +114,57 @@ def train_folds(
     register_model: str = typer.Option("", help="Register the fold ensemble under this MLflow model name."),
     **options: Any,
 ) -> None:
-    """Train every fold of the manifest in turn, under one MLflow parent run."""
+    """Train every fold of the manifest in turn, under one MLflow parent run (the pipeline's steps:
+    start_tracking, train_fold per fold, publish); OUT/summary/folds.json lists the folds' results."""
     from digilut.manifest import read_manifest
-    from digilut.model import select_device
-    from digilut.registry import register_ensemble
-    from digilut.tracking import Tracker, TrackingConfig
-    from digilut.train import train_fold
+    from digilut.steps.common import write_json
+    from digilut.steps.publish import publish_step
+    from digilut.steps.start_tracking import start_tracking_step
+    from digilut.steps.train import train_step
+    from digilut.tracking import TrackingConfig
 
     try:
-        cfg = TrainConfig(**options)
-        dev = select_device(device)
+        cfg, tracking = TrainConfig(**options), TrackingConfig(tracking_uri, experiment)
         df = read_manifest(manifest, require=("split", "fold"))
         folds = sorted(int(f) for f in df.loc[df["split"] == "train", "fold"].unique())
-        with Tracker(TrackingConfig(tracking_uri, experiment)) as tracker:
-            parent = tracker.start_run("pipeline", tags={"digilut.manifest": str(manifest)})
-            tracker.log_params(parent, {**cfg.fingerprint(), "folds": len(folds)})
-            results = [
-                train_fold(manifest, k, out / f"fold{k}", cfg, dev, tracker=tracker, parent=parent)
-                for k in folds
-            ]
-            aurocs = [r.best_val_auroc for r in results]
-            tracker.log_metrics(parent, {"mean_val_auroc": sum(aurocs) / len(aurocs)}, step=0)
-            if register_model:
-                register_ensemble(
-                    tracker, parent, [out / f"fold{k}" / "model.pt" for k in folds], register_model
-                )
-            tracker.end_run(parent)
+        params = {k: str(v) for k, v in {**cfg.fingerprint(), "folds": len(folds)}.items()}
+        run_id = start_tracking_step("pipeline", tracking, params, {"digilut.manifest": str(manifest)})
+        results = [
+            train_step(manifest.parent, manifest, k, out / f"fold{k}", cfg, tracking, parent_run_id=run_id,
+                       device=device)
+            for k in folds
+        ]  # fmt: skip
+        aurocs = [r.best_val_auroc for r in results]
+        write_json(out / "summary" / "folds.json", [dataclasses.asdict(r) for r in results])
+        publish_step(
+            out / "summary", "", tracking, run_id, {"mean_val_auroc": sum(aurocs) / len(aurocs)},
+            register_model=register_model, models=[out / f"fold{r.fold}" / r.model_file for r in results],
+        )  # fmt: skip
     except DigilutError as err:
         raise _fail(err) from err
     for r in results:
         typer.echo(f"fold {r.fold}: best epoch {r.best_epoch}, validation AUROC {r.best_val_auroc:.4f}")
 
 
+@config_options(PredictConfig, help=_PREDICT_HELP)
 def predict(
     manifest: Path = typer.Argument(..., help="Manifest of the patches to score (test slides: stride 128)."),
     models: list[Path] = typer.Argument(..., help="Fold model files (…/fold<K>/model.pt) or fold folders."),
     out: Path = typer.Argument(..., help="Output Parquet: the manifest rows + prob."),
     split: str = typer.Option("test", help="Rows of this split only (test | train | all)."),
-    batch_size: int = typer.Option(256, help="Patches per batch."),
-    num_workers: int = typer.Option(2, help="DataLoader worker processes."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    **options: Any,
 ) -> None:
     """Mean probability of every patch under the fold models (each patch decoded once)."""
-    from digilut.manifest import read_manifest, write_manifest
-    from digilut.model import select_device
-    from digilut.predict import PredictConfig, patch_metrics, predict_patches
+    from digilut.predict import patch_metrics
+    from digilut.steps.predict import predict_step
 
     try:
-        cfg = PredictConfig(batch_size=batch_size, num_workers=num_workers)
-        dev = select_device(device)
-        df = read_manifest(manifest)
-        if split != "all" and "split" in df.columns:
-            df = df[df["split"] == split]
-        files = [m / "model.pt" if m.is_dir() else m for m in models]
         root = manifest if manifest.is_dir() else manifest.parent
-        pred = predict_patches(df, root, files, cfg, dev)
+        pred = predict_step(root, manifest, models, out, PredictConfig(**options), rows=split, device=device)
     except DigilutError as err:
         raise _fail(err) from err
-    write_manifest(pred, out)
-    msg = f"{len(pred)} patches × {len(files)} model(s) -> {out}"
+    msg = f"{len(pred)} patches × {len(models)} model(s) -> {out}"
     if "label" in pred.columns and len(pred):
         m = patch_metrics(pred["label"].to_numpy(), pred["prob"].to_numpy())
         msg += f"; patch AUROC {m.auroc:.4f}"

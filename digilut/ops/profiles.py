@@ -14,7 +14,7 @@ from digilut.errors import ConfigError
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {},
     "demo": {
-        "batch_size": 4,
+        "slides_per_batch": 4,
         "folds": 2,
         "test_fraction": 0.3,
         "input_px": 64,
@@ -27,7 +27,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "predict_batch_size": 128,
     },
     "tiny": {
-        "batch_size": 2,
+        "slides_per_batch": 2,
         "folds": 2,
         "test_fraction": 0.34,
         "input_px": 64,

@@ -1,9 +1,15 @@
-"""The pipeline's steps on folders: one function per Kubeflow component.
+"""The pipeline's steps on folders: one module per step, one ``<step>_step`` function each, which
+both the Kubeflow component and the CLI command call.
 
 Each function takes input folders (KFP artifact paths), parameters and output folders, calls the
 library and writes its outputs. The components in ``components/`` only adapt KFP artifacts to
-these calls, and ``digilut run`` runs the same components through ``kfp.local``, so a step behaves
-the same in a pod, locally and in a test.
+these calls, ``digilut run`` runs the same components through ``kfp.local``, and the CLI calls the
+same functions on local folders (``prepare`` chains the data steps), so a step behaves the same in
+a pod, locally and in a test. Modules: ``ingest`` (``list_source_step``, ``ingest_step``),
+``extract``, ``merge``, ``label``, ``split``, ``start_tracking``, ``train``, ``predict``
+(``predict_step``, ``predict_all_step``), ``evaluate``, ``publish``, ``fetch_models``,
+``submission`` (and its ``write_boxes``, what ``digilut boxes`` runs), ``prepare``; ``common``
+holds what they share. The modules of the CPU image's steps never import torch.
 
 Artifacts (folders)::
 

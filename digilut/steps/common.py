@@ -1,11 +1,14 @@
-"""Small helpers the steps share: JSON results, the boxes of an annotations artifact, the device."""
+"""Small helpers the steps share: configs from pipeline parameters, JSON results, the boxes of an
+annotations artifact, publishing a folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, TypeVar
 
 import pandas as pd
 
@@ -14,21 +17,20 @@ from digilut.ingest import (
     BOXES_NAME,
 )
 
-if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
-    import torch
-
 log = logging.getLogger(__name__)
 
 
 PREDICTIONS_NAME = "predictions.parquet"
 
+C = TypeVar("C")
 
-def pick_device() -> torch.device:
-    """The device for training/prediction, chosen once per step: CUDA when present, else CPU; a
-    task the pipeline put on a GPU (``DIGILUT_REQUIRE_GPU=1``) fails here when CUDA is missing."""
-    from digilut.model import select_device
 
-    return select_device("auto")
+def config_from(cls: type[C], values: Mapping[str, Any], prefix: str = "") -> C:
+    """The config dataclass ``cls`` from the pipeline parameters in ``values`` named as its fields
+    (``prefix`` + field name, e.g. ``label_mode`` for ``LabelConfig.mode``); the fields without a
+    parameter keep their defaults. A component passes its ``locals()``."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    return cls(**{n: values[prefix + n] for n in names if prefix + n in values})
 
 
 def write_json(path: Path, data: object) -> None:

@@ -5,20 +5,16 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from digilut.boxes import BOXES_CONFIG_NAME, BoxesConfig, save_boxes_config
-from digilut.evaluate import Evaluation, evaluate_predictions
+from digilut.evaluate import evaluate_predictions
 from digilut.geojson import GEOJSON_DIR, write_geojson
 from digilut.heatmap import build_heatmaps
-from digilut.report import write_report
-from digilut.train_config import FoldResult
-
-if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
-    pass
+from digilut.report import RunFigures, run_figures, write_report
 from digilut.steps.common import PREDICTIONS_NAME, read_boxes
+from digilut.train_config import FoldResult
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +34,9 @@ def evaluate_step(
     *,
     tune_boxes: bool = True,
     title: str = "digilut run",
-) -> Evaluation:
-    """Boxes (N per test slide; post-processing tuned on out-of-fold slides), score and report."""
+) -> RunFigures:
+    """Boxes (N per test slide; post-processing tuned on out-of-fold slides), score and report into
+    ``results``; return what the KFP UI shows of it (scalars, ROC, confusion matrix)."""
     results.mkdir(parents=True, exist_ok=True)
     pred = pd.read_parquet(predictions / PREDICTIONS_NAME)
     truth = read_boxes(annotations)
@@ -67,4 +64,4 @@ def evaluate_step(
         r = FoldResult.load(d)
         shutil.copy2(d / r.model_file, results / "models" / f"fold{r.fold}.pt")
     save_boxes_config(ev.boxes_config, results / "models" / BOXES_CONFIG_NAME)  # tuned: travels too
-    return ev
+    return run_figures(ev, pred)

@@ -6,14 +6,13 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from digilut.annotations import check_slide_name
 from digilut.cpus import available_cpus
 from digilut.extract import ExtractConfig, PrepareReport, SlidePatches, extract_slides
-from digilut.files import atomic_write
+from digilut.files import atomic_write, file_sha256
 from digilut.ingest import (
     SourceObject,
     check_version,
@@ -24,9 +23,6 @@ from digilut.manifest import (
     write_shard_store,
 )
 from digilut.shards import publish_shard, shard_name
-
-if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +41,7 @@ def shard_store_for(data_uri: str, shards_uri: str = "") -> str:
     return shards_uri.rstrip("/") or f"{data_uri.rstrip('/')}/{SHARD_STORE_DIR}"
 
 
-def publish_shards(out_dir: Path, results: dict[str, SlidePatches], store: str) -> None:
+def _publish_shards(out_dir: Path, results: dict[str, SlidePatches], store: str) -> None:
     """Move the shards extracted into ``out_dir/shards`` to ``store`` under content-addressed
     names, point the slides' manifest parts at them and record the store in ``out_dir``."""
     uploaded = 0
@@ -64,6 +60,25 @@ def publish_shards(out_dir: Path, results: dict[str, SlidePatches], store: str) 
     log.info("shards: %d slide(s) in %s (%d new, %d already there)", ok, store, uploaded, ok - uploaded)
 
 
+def _reusable(prev: SlidePatches | None, extracted: Path, store: str, cfg: ExtractConfig) -> bool:
+    """A slide ``extracted`` holds from an earlier call with the same settings whose shard is still in
+    the (local) store with the same content; a damaged shard is removed, to be extracted again."""
+    if prev is None or prev.status not in ("ok", "empty") or prev.config != cfg.digest():
+        return False
+    if prev.status == "empty":
+        return True
+    stem = Path(prev.slide).stem
+    shard = Path(store) / shard_name(stem, prev.shard_sha256)
+    part = extracted / "parts" / f"{stem}.parquet"
+    if store.startswith("s3://") or not part.is_file() or not shard.is_file():
+        return False
+    if file_sha256(shard) != prev.shard_sha256:
+        log.warning("%s: content does not match its name, removed; %s is extracted again", shard, prev.slide)
+        shard.unlink()
+        return False
+    return True
+
+
 def extract_step(
     data_uri: str,
     slides: list[SourceObject],
@@ -71,28 +86,40 @@ def extract_step(
     cfg: ExtractConfig,
     *,
     workers: int = 1,
+    threads: int | None = None,
     shards_uri: str = "",
 ) -> PrepareReport:
     """Fetch one batch of slides and extract them; failures are reported. A slide that is no longer
     its listed version (size, ETag) is reported failed, not extracted. The shards go to the shard
     store (:func:`shard_store_for`), the manifest parts and thumbnails into ``extracted``. Slides and
-    shards are written under ``TMPDIR`` (a sized scratch volume in the pod)."""
+    shards are written under ``TMPDIR`` (a sized scratch volume in the pod).
+
+    When ``extracted`` already holds a report (``digilut prepare`` run again on the same folder), a
+    slide extracted there with the same settings whose shard is intact in a local store is reused.
+    ``threads`` per slide default to the cores shared among the ``workers``."""
     extracted.mkdir(parents=True, exist_ok=True)
+    store = shard_store_for(data_uri, shards_uri)
+    earlier = extracted / "report.json"
+    done = PrepareReport.load(earlier).slides if earlier.is_file() else {}
+    reused = {s.name: done[s.name] for s in slides if _reusable(done.get(s.name), extracted, store, cfg)}
+    for name in reused:
+        log.info("%s: already extracted with the same settings (shard checksum matches), reused", name)
     results: dict[str, SlidePatches] = {}
     with tempfile.TemporaryDirectory(prefix="digilut-slides-") as tmp:
         paths: list[Path] = []
-        for slide in slides:
+        for slide in (s for s in slides if s.name not in reused):
             try:
                 check_slide_name(slide.name)  # before any path join
                 check_version(data_uri, f"images/{slide.name}", slide)
                 paths.extend(fetch_slides(data_uri, [slide.name], Path(tmp)).values())
             except (OSError, ValueError) as err:  # missing, changed or unsafe slide: report, go on
                 results[slide.name] = SlidePatches(slide.name, "failed", error=f"{type(err).__name__}: {err}")
-        threads = max(1, available_cpus() // max(1, workers))
+        threads = threads or max(1, available_cpus() // max(1, min(workers, len(paths))))
         work = Path(tmp) / "extracted"
         results.update(extract_slides(paths, work, cfg, workers=workers, threads=threads))
-        publish_shards(work, results, shard_store_for(data_uri, shards_uri))
+        _publish_shards(work, results, store)
         shutil.copytree(work, extracted, dirs_exist_ok=True)
+    results.update(reused)
     report = PrepareReport(results, sum(r.seconds for r in results.values()), cfg.__dict__.copy())
     atomic_write(extracted / "report.json", [report.to_json().encode()])
     return report

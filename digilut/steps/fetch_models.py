@@ -6,12 +6,8 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from digilut.boxes import BOXES_CONFIG_NAME, load_boxes_config
-
-if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
-    pass
 
 log = logging.getLogger(__name__)
 

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from digilut.ingest import (
     SourceListing,
     ingest_data,
     list_source,
 )
-
-if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
-    pass
 
 log = logging.getLogger(__name__)
 

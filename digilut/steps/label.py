@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -16,18 +16,29 @@ from digilut.manifest import (
     read_manifest,
     write_manifest,
 )
-
-if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
-    pass
 from digilut.steps.common import read_boxes
 
 log = logging.getLogger(__name__)
 
 
-def label_step(patches: Path, annotations: Path, labels: Path, cfg: LabelConfig) -> pd.DataFrame:
+@dataclass
+class Labelled:
+    """The labelled manifest and the boxes dropped on the way (slides whose ``max_x/max_y`` disagree
+    with their real size), one message each."""
+
+    manifest: pd.DataFrame
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def positives(self) -> int:
+        return int(self.manifest["label"].sum())
+
+
+def label_step(patches: Path, annotations: Path, labels: Path, cfg: LabelConfig) -> Labelled:
     """Label every patch of ``patches`` by its overlap with the boxes of ``annotations``."""
     labels.mkdir(parents=True, exist_ok=True)
     manifest, boxes = read_manifest(patches), read_boxes(annotations)
+    problems: list[str] = []
     if (patches / "report.json").is_file():  # boxes must be in the frame of the slides' real size
         report = PrepareReport.load(patches / "report.json")
         sizes = {s: (r.width, r.height) for s, r in report.slides.items() if r.status == "ok"}
@@ -37,4 +48,4 @@ def label_step(patches: Path, annotations: Path, labels: Path, cfg: LabelConfig)
         manifest = manifest[~manifest["slide"].isin(wrong_size)].reset_index(drop=True)
     df = label_patches(manifest, boxes, cfg)
     write_manifest(df, labels / MANIFEST_NAME)
-    return df
+    return Labelled(df, problems)

@@ -6,7 +6,6 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -21,9 +20,6 @@ from digilut.manifest import (
     write_manifest,
     write_shard_store,
 )
-
-if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
-    pass
 from digilut.steps.common import write_json
 
 log = logging.getLogger(__name__)

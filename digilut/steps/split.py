@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from digilut.manifest import (
     MANIFEST_NAME,
@@ -12,19 +11,21 @@ from digilut.manifest import (
     write_manifest,
 )
 from digilut.split import SplitConfig, split_dataset
-
-if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
-    pass
 from digilut.steps.common import write_json
 
 log = logging.getLogger(__name__)
 
 
 def split_step(labels: Path, split: Path, cfg: SplitConfig) -> list[int]:
-    """Split patients, undersample and assign folds; return the fold ids to train."""
-    split.mkdir(parents=True, exist_ok=True)
+    """Split patients, undersample and assign folds; return the fold ids to train.
+
+    ``labels``: a labelled patch set (folder or manifest file). ``split``: the output folder
+    (``manifest.parquet`` + ``split.json``) or, for ``digilut split``, a ``.parquet`` file (and the
+    summary beside it as ``<stem>.json``)."""
+    manifest = split if split.suffix == ".parquet" else split / MANIFEST_NAME
+    summary_path = manifest.with_suffix(".json") if split.suffix == ".parquet" else split / "split.json"
     df = split_dataset(read_manifest(labels, require=("patient", "label")), cfg)
-    write_manifest(df, split / MANIFEST_NAME)
+    write_manifest(df, manifest)
     summary = {
         "test_patients": sorted(df.loc[df["split"] == "test", "patient"].unique().tolist()),
         "folds": {
@@ -33,7 +34,7 @@ def split_step(labels: Path, split: Path, cfg: SplitConfig) -> list[int]:
         },
         "config": cfg.__dict__,
     }
-    write_json(split / "split.json", summary)
+    write_json(summary_path, summary)
     return sorted(summary["folds"])
 
 

@@ -1,4 +1,4 @@
-"""Steps ``start_tracking`` and ``train_fold``: the MLflow parent run, then one fold (checkpointed in S3)."""
+"""Step ``train_fold``: one cross-validation fold, checkpointed where a new pod finds it (S3)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from digilut.locations import publish_results
 from digilut.manifest import (
     MANIFEST_NAME,
     read_manifest,
@@ -18,32 +17,7 @@ from digilut.manifest import (
 from digilut.tracking import Tracker, TrackingConfig
 from digilut.train_config import FoldResult, TrainConfig
 
-if TYPE_CHECKING:  # torch and digilut.train load in the GPU steps only: the CPU image has no torch
-    pass
-from digilut.locations import publish_results
-from digilut.steps.common import pick_device
-
 log = logging.getLogger(__name__)
-
-
-def start_tracking_step(
-    run_name: str,
-    cfg: TrackingConfig,
-    params: Mapping[str, str] | None = None,
-    tags: Mapping[str, str] | None = None,
-) -> str:
-    """Open the pipeline's MLflow parent run with the pipeline's ``params`` and ``tags`` (the KFP
-    run); return its id ("" when tracking is off or down)."""
-    with Tracker(cfg) as tracker:
-        if not tracker.enabled:
-            log.info("tracking: no MLflow tracking URI configured; runs are not logged")
-            return ""
-        run = tracker.start_run(run_name, tags={"digilut.kind": "pipeline", **(tags or {})})
-        tracker.log_params(run, params or {})
-        run_id = run.wait(cfg.request_timeout_s * 3) or ""
-    if not run_id:
-        log.warning("tracking: MLflow at %s did not answer; this run is not logged", cfg.tracking_uri)
-    return run_id
 
 
 def checkpoint_location(checkpoint_uri: str, manifest: Path, fold: int, cfg: TrainConfig) -> str:
@@ -59,7 +33,7 @@ def checkpoint_location(checkpoint_uri: str, manifest: Path, fold: int, cfg: Tra
     return f"{checkpoint_uri.rstrip('/')}/fold{fold}-{key}"
 
 
-def restore_checkpoint(where: str, model_dir: Path) -> bool:
+def _restore_checkpoint(where: str, model_dir: Path) -> bool:
     """Copy a fold's checkpoint folder ``where`` (folder or ``s3://``) into ``model_dir``; False if none."""
     model_dir.mkdir(parents=True, exist_ok=True)
     if where.startswith("s3://"):
@@ -85,22 +59,29 @@ def train_step(
     *,
     parent_run_id: str = "",
     checkpoint_uri: str = "",
+    device: str = "auto",
+    max_epochs_this_run: int | None = None,
 ) -> FoldResult:
-    """Train one fold on the device chosen here (CUDA when present); resumes from ``model_dir``.
+    """Train one fold on ``device`` (``auto``: CUDA when present); resumes from ``model_dir``.
+
+    ``split`` is the split artifact (a folder holding ``manifest.parquet``) or a split manifest
+    file; ``patches`` the folder whose ``shards.json`` names the shard store (without one: the
+    folder itself holds the shards). ``max_epochs_this_run`` stops early; a later call resumes.
 
     With ``checkpoint_uri`` (a folder or ``s3://`` prefix that outlives the run), the fold's folder
     is copied there after every epoch and restored from there first: a fold killed on one pod
     resumes on the next run's pod, and a finished fold is reused (Argo ignores ``set_retry``
     inside a ``ParallelFor``, so recovery comes from here, not from retries).
     """
+    from digilut.model import select_device
     from digilut.train import train_fold
 
-    device = pick_device()
-    manifest = split / MANIFEST_NAME
+    dev = select_device(device)
+    manifest = split / MANIFEST_NAME if split.is_dir() else split
     on_checkpoint = None
     if checkpoint_uri:
         where = checkpoint_location(checkpoint_uri, manifest, fold, cfg)
-        if restore_checkpoint(where, model_dir):
+        if _restore_checkpoint(where, model_dir):
             log.info("fold %d: checkpoint restored from %s", fold, where)
 
         def on_checkpoint(folder: Path) -> None:
@@ -113,9 +94,10 @@ def train_step(
             fold,
             model_dir,
             cfg,
-            device,
+            dev,
             tracker=tracker,
             parent=parent,
             root=shard_store(patches),
             on_checkpoint=on_checkpoint,
+            max_epochs_this_run=max_epochs_this_run,
         )

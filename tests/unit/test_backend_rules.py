@@ -112,9 +112,9 @@ def test_the_type_check_sees_a_loop_item_typed_string():
         ),
         (
             lambda s: s["root"]["dag"]["tasks"]["ingest"]["inputs"]["parameters"].update(
-                batch_size={"runtimeValue": {"constant": "8"}}
+                slides_per_batch={"runtimeValue": {"constant": "8"}}
             ),
-            "parameter 'batch_size' is declared NUMBER_INTEGER but fed the constant '8'",
+            "parameter 'slides_per_batch' is declared NUMBER_INTEGER but fed the constant '8'",
         ),
         (
             lambda s: s["root"]["dag"]["tasks"]["ingest"]["inputs"]["parameters"].pop("source"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -15,7 +14,6 @@ from typer.testing import CliRunner
 from digilut.cli import app
 from digilut.manifest import read_manifest
 from digilut.score import GIOU_THRESHOLD, giou_matrix
-from digilut.train_config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU models: one thread is faster
 
@@ -44,16 +42,6 @@ def _truth_csv(manifest: Path, out: Path) -> Path:
         out, index=False
     )
     return out
-
-
-def test_cli_options_are_the_config_fields() -> None:
-    import typer.main
-
-    for name in ("train", "train-folds"):
-        command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
-        params = {p.name: p for p in command.params}
-        for f in dataclasses.fields(TrainConfig):
-            assert params[f.name].default == f.default, f.name
 
 
 def test_train_predict_evaluate(tmp_path: Path) -> None:
@@ -107,3 +95,25 @@ def test_bad_option_values_exit_with_a_message(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "loss='mse'" in result.output
     result = CliRunner().invoke(app, ["train", str(manifest), str(tmp_path / "m"), "--fold", "7", *TINY])
     assert result.exit_code == 2 and "fold=7" in result.output
+
+
+def test_train_folds_runs_the_pipeline_steps_under_one_parent_run(store: str, tmp_path: Path) -> None:
+    """start_tracking → train_fold per fold → publish: one parent run with a child per fold, the mean
+    validation AUROC and the registered two-fold ensemble."""
+    from mlflow import MlflowClient
+
+    manifest = make_patch_manifest(tmp_path / "data", patients=5, grid=4, px=64, folds=2)
+    args = ["train-folds", str(manifest), str(tmp_path / "models"), *TINY, "--tracking-uri", store]
+    result = CliRunner().invoke(app, [*args, "--register-model", "folds-cli"])
+    assert result.exit_code == 0, result.output
+    assert re.findall(r"fold (\d): best epoch", result.output) == ["0", "1"]
+    folds = json.loads((tmp_path / "models" / "summary" / "folds.json").read_text())
+    client = MlflowClient(tracking_uri=store)
+    (parent,) = [r for r in client.search_runs(["1"]) if r.data.tags.get("digilut.kind") == "pipeline"]
+    mean = sum(f["best_val_auroc"] for f in folds) / 2
+    assert parent.data.metrics["mean_val_auroc"] == pytest.approx(mean)
+    assert parent.data.params["folds"] == "2" and parent.info.status == "FINISHED"
+    children = client.search_runs(["1"], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2
+    (version,) = client.search_model_versions("name = 'folds-cli'")
+    assert version.run_id == parent.info.run_id

@@ -8,9 +8,11 @@ import pytest
 from PIL import Image
 
 from digilut.errors import ConfigError
-from digilut.extract import ExtractConfig, PrepareReport, extract_slide, prepare_dataset
+from digilut.extract import ExtractConfig, PrepareReport, extract_slide
+from digilut.files import file_sha256
 from digilut.manifest import read_manifest, read_patch
 from digilut.shards import read_index
+from digilut.steps.prepare import prepare_step
 
 
 def test_report_manifest_and_one_shard_per_slide(tiny_prepared, tiny_data):
@@ -19,9 +21,9 @@ def test_report_manifest_and_one_shard_per_slide(tiny_prepared, tiny_data):
     assert all(r.status == "ok" and r.patches > 0 for r in report.slides.values())
     m = read_manifest(out, require=("slide", "x0", "label", "overlap"))
     assert len(m) == report.patches
-    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(
-        p.name.replace(".tif", ".shard") for p in (tiny_data / "images").iterdir()
-    )
+    assert sorted(p.name.rsplit("-", 1)[0] for p in out.glob("*.shard")) == sorted(
+        p.stem for p in (tiny_data / "images").iterdir()
+    )  # one content-addressed shard per slide: <stem>-<sha>.shard
     for shard, rows in m.groupby("shard"):
         assert len(read_index(out / shard)) == len(rows)
     saved = json.loads((out / "report.json").read_text())
@@ -68,15 +70,16 @@ def test_resume_reuses_finished_slides_and_redoes_changed_ones(tiny_data, tmp_pa
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     out = tmp_path / "out"
-    first = prepare_dataset(data, out, ExtractConfig(), workers=0)
+    first = prepare_step(data, out, ExtractConfig(), workers=0)
     victim = sorted(first.slides)[0]
-    shard = out / "shards" / victim.replace(".tif", ".shard")
+    (shard,) = out.glob(victim.replace(".tif", "-*.shard"))
     shard.write_bytes(shard.read_bytes()[:-1] + b"\0")  # corrupt one finished shard
-    second = prepare_dataset(data, out, ExtractConfig(), workers=0)
+    second = prepare_step(data, out, ExtractConfig(), workers=0)
     assert (
         second.slides[victim].seconds > 0
         and second.slides[victim].shard_sha256 == first.slides[victim].shard_sha256
     )
+    assert file_sha256(shard) == first.slides[victim].shard_sha256  # the damaged shard was replaced
     others = [s for s in first.slides if s != victim]
     assert all(second.slides[s].seconds == first.slides[s].seconds for s in others)  # reused as is
     assert PrepareReport.load(out / "report.json").patches == first.patches
@@ -89,7 +92,7 @@ def test_bad_slides_are_reported_and_skipped_in_worker_processes(tiny_data, tmp_
     Image.new("RGB", (64, 64)).save(data / "images" / "png_a.tif", format="PNG")
     good = sorted((tiny_data / "images").iterdir())[0].read_bytes()
     (data / "images" / "cut_a.tif").write_bytes(good[: int(len(good) * 0.6)])
-    report = prepare_dataset(data, tmp_path / "out", ExtractConfig(), workers=2)
+    report = prepare_step(data, tmp_path / "out", ExtractConfig(), workers=2)
     assert report.slides["zero_a.tif"].status == "failed" and "0 bytes" in report.slides["zero_a.tif"].error
     assert (
         report.slides["png_a.tif"].status == "failed"

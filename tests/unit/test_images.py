@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -259,40 +258,6 @@ def test_committed_base_lock_is_the_train_lock_without_gpu_packages() -> None:
 def test_build_lock_is_the_train_lock_setuptools() -> None:
     train = read_lock(LOCKS / "requirements-train.lock")
     assert read_lock(LOCKS / "requirements-build.lock") == {"setuptools": train["setuptools"]}
-
-
-# --- the torch-free base image --------------------------------------------------------------------
-
-# What runs in digilut-base: the CPU components and the modules their steps use (and the CLI).
-CPU_MODULES = (
-    "components.data",
-    "components.inference",
-    "components.model",
-    "digilut.cli",
-    "digilut.steps.ingest",
-    "digilut.steps.extract",
-    "digilut.steps.merge",
-    "digilut.steps.label",
-    "digilut.steps.split",
-    "digilut.steps.evaluate",
-    "digilut.evaluate",
-    "digilut.report",
-    "digilut.tracking",
-    "digilut.train_config",
-)
-
-
-def test_cpu_steps_import_no_torch() -> None:
-    """digilut-base has no torch: nothing a CPU step imports may pull it in (train/predict import it
-    inside the GPU steps)."""
-    script = (
-        f"import sys, {', '.join(CPU_MODULES)}\n"
-        "from digilut.train_config import FoldResult\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
 
 
 def test_dockerfiles_need_only_python3_on_path() -> None:

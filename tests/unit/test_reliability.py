@@ -19,13 +19,13 @@ from digilut.extract import (
     ExtractConfig,
     extract_slide,
     extract_slides,
-    prepare_dataset,
 )
 from digilut.garbled import GARBLED_MEAN_DIFF, LevelCalibration, calibrate_levels
 from digilut.level_reader import LevelReader
 from digilut.locations import fetch_slides
 from digilut.manifest import read_manifest, read_patch
 from digilut.slide import read_slide_info
+from digilut.steps.prepare import prepare_step
 from digilut.synth_plan import SynthConfig, plan_slide
 from digilut.synth_render import write_slide
 
@@ -329,7 +329,7 @@ def test_tissue_free_slide_is_reported_empty_and_left_out_of_the_manifest(
     (images.parent / "train.csv").write_text(
         "filename,x1,x2,y1,y2,max_x,max_y\ngood_a.tif,1000,1400,1000,1400,4096,3072\n"
     )
-    report = prepare_dataset(images.parent, tmp_path / "out", ExtractConfig(), workers=0)
+    report = prepare_step(images.parent, tmp_path / "out", ExtractConfig(), workers=0)
     blank = report.slides["blank_a.tif"]
     assert blank.status == "empty" and blank.patches == 0
     assert "blank_a.tif: no patch has ≥ 50% tissue" in blank.error and "excluded from training" in blank.error
@@ -356,7 +356,7 @@ def test_unsafe_names_are_refused_before_any_path_join_and_nothing_is_written_ou
     )
     outside = {p for p in tmp_path.rglob("*")}
     out = work / "out"
-    report = prepare_dataset(images.parent, out, ExtractConfig(), workers=0)
+    report = prepare_step(images.parent, out, ExtractConfig(), workers=0)
     assert set(report.slides) == {"good_a.tif"}
     text = "\n".join(report.problems)
     assert "'evil\\nname_a.tif' is not a plain file name" in text
@@ -386,7 +386,7 @@ def test_boxes_whose_max_x_disagrees_with_the_slide_are_dropped_and_the_slide_le
         + (slides / "good_boxes.csv").read_text()
         + "other_a.tif,500,700,500,700,2048,1536\n"  # level-1 coordinates: the wrong frame
     )
-    report = prepare_dataset(images.parent, tmp_path / "out", ExtractConfig(), workers=0)
+    report = prepare_step(images.parent, tmp_path / "out", ExtractConfig(), workers=0)
     (msg,) = [p for p in report.problems if "real size" in p]
     assert msg == (
         "train.csv (other_a.tif): max_x=2048, max_y=1536 disagree with the slide's real size 4096×3072 px: "

@@ -202,7 +202,7 @@ def test_start_tracking_component_logs_the_pipeline_params_on_the_parent_run(
 ) -> None:
     from kfp.dsl import Artifact
 
-    from components.model import start_tracking
+    from components.training import start_tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.delenv("KFP_HOST", raising=False)

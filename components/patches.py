@@ -1,8 +1,10 @@
-"""Data components: list_source, ingest, extract (one batch), merge, label, split.
+"""Components of the data half of the training pipeline: list_source, ingest, extract (one batch),
+merge, label, split_patients — each an adapter over one :mod:`digilut.steps` function.
 
 No ``from __future__ import annotations`` here: KFP reads the real annotation objects. Returns are
 typed element by element (``list[int]``, not ``list``): a ParallelFor item gets its type from them,
-and the backend checks it against the consumer's input type.
+and the backend checks it against the consumer's input type. A component builds its step's config
+from its parameters with :func:`digilut.steps.common.config_from` (parameters named as the fields).
 """
 
 from typing import Any
@@ -27,17 +29,18 @@ def list_source(data_uri: str) -> dict[str, Any]:
 def ingest(
     data_uri: str,
     source: dict[str, Any],
-    batch_size: int,
+    slides_per_batch: int,
     require_boxes: bool,
     annotations: Output[Dataset],
 ) -> list[list[dict[str, Any]]]:
-    """Validate train.csv against the listed slides; return the batches (slide name, size, ETag)."""
+    """Validate train.csv against the listed slides; return the batches of at most
+    ``slides_per_batch`` slides (name, size, ETag), a patient's slides together."""
     from pathlib import Path
 
     from digilut.steps.ingest import ingest_step
 
     return ingest_step(
-        data_uri, source, Path(annotations.path), batch_size=batch_size, require_boxes=require_boxes
+        data_uri, source, Path(annotations.path), batch_size=slides_per_batch, require_boxes=require_boxes
     )
 
 
@@ -59,22 +62,12 @@ def extract(
 
     from digilut.extract import ExtractConfig
     from digilut.ingest import SourceObject
+    from digilut.steps.common import config_from
     from digilut.steps.extract import extract_step
 
-    cfg = ExtractConfig(
-        patch_px=patch_px,
-        target_mpp=target_mpp,
-        stride_px=stride_px,
-        min_tissue_fraction=min_tissue_fraction,
-        tissue_threshold=tissue_threshold,
-    )
-    report = extract_step(
-        data_uri,
-        [SourceObject.from_dict(s) for s in slides],
-        Path(extracted.path),
-        cfg,
-        shards_uri=shards_uri,
-    )
+    cfg = config_from(ExtractConfig, locals())
+    objects = [SourceObject.from_dict(s) for s in slides]
+    report = extract_step(data_uri, objects, Path(extracted.path), cfg, shards_uri=shards_uri)
     extracted.metadata.update({"patches": report.patches, "failed": report.failed})
 
 
@@ -104,15 +97,12 @@ def label(
     from pathlib import Path
 
     from digilut.labels import LabelConfig
+    from digilut.steps.common import config_from
     from digilut.steps.label import label_step
 
-    df = label_step(
-        Path(patches.path),
-        Path(annotations.path),
-        Path(labels.path),
-        LabelConfig(mode=label_mode, min_overlap=label_min_overlap),
-    )
-    labels.metadata.update({"patches": len(df), "positives": int(df["label"].sum())})
+    cfg = config_from(LabelConfig, locals(), prefix="label_")
+    done = label_step(Path(patches.path), Path(annotations.path), Path(labels.path), cfg)
+    labels.metadata.update({"patches": len(done.manifest), "positives": done.positives})
 
 
 @dsl.component(base_image=BASE, install_kfp_package=False)
@@ -128,7 +118,7 @@ def split_patients(
     from pathlib import Path
 
     from digilut.split import SplitConfig
+    from digilut.steps.common import config_from
     from digilut.steps.split import split_step
 
-    cfg = SplitConfig(test_fraction=test_fraction, folds=folds, neg_per_pos=neg_per_pos, seed=seed)
-    return split_step(Path(labels.path), Path(split.path), cfg)
+    return split_step(Path(labels.path), Path(split.path), config_from(SplitConfig, locals()))

@@ -1,4 +1,6 @@
-"""Model components: MLflow parent run, fold training (GPU), ensemble prediction (GPU), evaluation.
+"""Components of the model half of the training pipeline: start_tracking (MLflow parent run),
+train_fold (GPU), predict (ensemble, GPU), evaluate (boxes, score, report, publish) — each an
+adapter over :mod:`digilut.steps` functions.
 
 No ``from __future__ import annotations`` here: KFP reads the real annotation objects.
 """
@@ -28,17 +30,17 @@ def start_tracking(
     The run id travels as a small artifact (a file), not a parameter: kfp.local does not resolve an
     upstream task's parameter inside a ParallelFor, artifacts it does.
     """
-    import os
     from pathlib import Path
 
-    from digilut.steps.train import start_tracking_step
-    from digilut.tracking import TrackingConfig, kfp_run_tags, parse_pipeline_params
+    from digilut.steps.start_tracking import start_tracking_step
+    from digilut.tracking import TrackingConfig, parse_pipeline_params
 
-    cfg = TrackingConfig(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""), experiment=experiment)
-    tags = kfp_run_tags(kfp_run_id, kfp_run_name, os.environ.get("KFP_HOST", ""))
-    run_id = start_tracking_step(run_name, cfg, parse_pipeline_params(params), tags)
+    cfg = TrackingConfig.from_env(experiment)
+    run_id = start_tracking_step(
+        run_name, cfg, parse_pipeline_params(params), kfp_run_id=kfp_run_id, kfp_run_name=kfp_run_name
+    )
     Path(tracking.path).write_text(run_id)
-    tracking.metadata.update({"mlflow_run_id": run_id, "experiment": experiment, **tags})
+    tracking.metadata.update({"mlflow_run_id": run_id, "experiment": experiment})
 
 
 @dsl.component(base_image=TRAIN, install_kfp_package=False)
@@ -71,48 +73,19 @@ def train_fold(
     import shutil
     from pathlib import Path
 
+    from digilut.steps.common import config_from
     from digilut.steps.train import train_step
     from digilut.tracking import TrackingConfig
     from digilut.train_config import TrainConfig
 
-    cfg = TrainConfig(
-        arch=arch,
-        loss=loss,
-        input_px=input_px,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        patches_per_epoch=patches_per_epoch,
-        max_val_patches=max_val_patches,
-        cpu_threads=cpu_threads,
-        weights=weights,
-        stain_norm=stain_norm,
-        stain_scale=stain_scale,
-        stain_shift=stain_shift,
-    )
-    tracking = TrackingConfig.from_env(experiment)  # MLflow URI and TensorBoard logdir
+    cfg, tracking = config_from(TrainConfig, locals()), TrackingConfig.from_env(experiment)
     parent_run_id = Path(tracking_run.path).read_text().strip()
     result = train_step(
-        Path(patches.path),
-        Path(split.path),
-        fold,
-        Path(model.path),
-        cfg,
-        tracking,
-        parent_run_id=parent_run_id,
-        checkpoint_uri=checkpoint_uri,
-    )
+        Path(patches.path), Path(split.path), fold, Path(model.path), cfg, tracking,
+        parent_run_id=parent_run_id, checkpoint_uri=checkpoint_uri,
+    )  # fmt: skip
     shutil.copytree(Path(model.path) / "tensorboard", tensorboard.path, dirs_exist_ok=True)
-    model.metadata.update(
-        {
-            "fold": fold,
-            "best_epoch": result.best_epoch,
-            "framework": "pytorch",
-            "mlflow_run_id": result.mlflow_run_id or "",
-            "init": result.init.get("label", ""),
-        }
-    )
+    model.metadata.update(result.artifact_metadata())
     metrics.log_metric(f"fold{fold}_val_auroc", result.best_val_auroc)
     metrics.log_metric(f"fold{fold}_best_epoch", result.best_epoch)
 
@@ -129,15 +102,12 @@ def predict(
     from pathlib import Path
 
     from digilut.predict import PredictConfig
+    from digilut.steps.common import config_from
     from digilut.steps.predict import predict_step
 
-    out = predict_step(
-        Path(patches.path),
-        Path(split.path),
-        [Path(m.path) for m in models],
-        Path(predictions.path),
-        PredictConfig(batch_size=batch_size),
-    )
+    dirs = [Path(m.path) for m in models]
+    cfg = config_from(PredictConfig, locals())
+    out = predict_step(Path(patches.path), Path(split.path), dirs, Path(predictions.path), cfg)
     predictions.metadata.update({"patches": len(out), "models": len(models)})
 
 
@@ -160,33 +130,22 @@ def evaluate(
     summary: Output[Markdown],
 ):
     """Boxes (N per slide), DigiLut F2, patch metrics, ROC and the HTML report; publish the results."""
-    import os
     import shutil
     from pathlib import Path
 
-    import pandas as pd
-
     from digilut.boxes import BoxesConfig
-    from digilut.report import run_figures
-    from digilut.steps.common import PREDICTIONS_NAME
+    from digilut.steps.common import config_from
     from digilut.steps.evaluate import evaluate_step
     from digilut.steps.publish import publish_step
     from digilut.tracking import TrackingConfig
 
-    out = Path(results.path)
-    ev = evaluate_step(
-        Path(predictions.path),
-        [Path(m.path) for m in models],
-        Path(annotations.path),
-        Path(thumbnails.path),
-        out,
-        BoxesConfig(method=boxes_method),
-        tune_boxes=tune_boxes,
-    )
-    figures = run_figures(ev, pd.read_parquet(Path(predictions.path) / PREDICTIONS_NAME))
-    parent_run_id = Path(tracking_run.path).read_text().strip()
-    tracking = TrackingConfig(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""), experiment=experiment)
-    publish_step(out, results_uri, tracking, parent_run_id, figures, register_model=register_model)
+    cfg, out = config_from(BoxesConfig, locals(), prefix="boxes_"), Path(results.path)
+    figures = evaluate_step(
+        Path(predictions.path), [Path(m.path) for m in models], Path(annotations.path),
+        Path(thumbnails.path), out, cfg, tune_boxes=tune_boxes,
+    )  # fmt: skip
+    parent_run_id, tracking = Path(tracking_run.path).read_text().strip(), TrackingConfig.from_env(experiment)
+    publish_step(out, results_uri, tracking, parent_run_id, figures.scalars, register_model=register_model)
     for k, v in figures.scalars.items():
         metrics.log_metric(k, v)
     if figures.fpr:
