@@ -18,6 +18,7 @@ drawn from a generator seeded by ``(seed, epoch, the batch's row indices)``.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import shutil
@@ -323,7 +324,14 @@ def make_loader(
     pin_memory: bool = False,
     drop_last: bool = False,
 ) -> DataLoader[PatchBatch]:
-    """A DataLoader yielding :class:`PatchBatch` es (uint8 images, pinned when ``pin_memory``)."""
+    """A DataLoader yielding :class:`PatchBatch` es (uint8 images, pinned when ``pin_memory``).
+
+    Its forked workers inherit the import locks other threads hold at that moment: a worker reading a
+    shard from S3 (urllib3 encodes the host with the ``idna`` codec) waited forever for the lock of
+    ``encodings.idna``, which the MLflow thread was importing for its first request. Looking the codec
+    up here, before any fork, caches it for every worker.
+    """
+    codecs.lookup("idna")
     return DataLoader(
         dataset,
         batch_size=batch_size,
