@@ -29,6 +29,12 @@ MIN_CALIBRATION_PATCHES = 8
 MAX_SLOPE = 1.4
 MAX_SHIFT = 48.0
 REFERENCE_PX = 16 * 2**20  # the largest level held whole as that reference
+# A copied JPEG tile (stored as it is) is dropped as corrupt when its bytes say so (:func:`suspect_stream`:
+# e.g. this many zero bytes in a row in its entropy-coded data), decoded and checked when it may be of
+# one colour, or when it is every this-many-th copied tile: the slide's level-to-level colour map is
+# fitted on those and a level garbled throughout is seen (:func:`find_garbled`).
+SUSPECT_ZERO_RUN = 16
+CHECK_EVERY_MAX = 16
 
 
 def mean_rgb(pixels: np.ndarray) -> np.ndarray:
@@ -37,6 +43,86 @@ def mean_rgb(pixels: np.ndarray) -> np.ndarray:
     h, w = pixels.shape[:2]
     cols = pixels.sum(axis=0, dtype=np.uint32)  # W×3: ≤ H·255 each
     return cols.sum(axis=0, dtype=np.uint64) / max(1, h * w)
+
+
+def _zero_run(data: np.ndarray, n: int) -> bool:
+    """Whether ``data`` (uint8) holds ``n`` zero bytes in a row."""
+    z = np.flatnonzero(data == 0)
+    return len(z) >= n and bool((z[n - 1 :] - z[: len(z) - n + 1] == n - 1).any())
+
+
+def _flat_scan_bits(stream: bytes) -> tuple[int, int]:
+    """Where the entropy-coded data of a baseline JPEG ``stream`` starts, and the most bits it can
+    take when every block has the same colour (each block: the DC code of difference 0 and the AC
+    end-of-block code; the first block of each component and of each restart interval: ≤ 27 bits
+    and ≤ 8 padding bits, 2 marker bytes). (-1, 0) when the header cannot be parsed."""
+    dc0: dict[int, int] = {}  # Huffman table id → code length of symbol 0 (DC diff 0 / AC EOB)
+    ac0: dict[int, int] = {}
+    comps: dict[int, tuple[int, int]] = {}  # component id → (h, v)
+    width = height = restart = 0
+    pos = 2
+    while pos + 4 <= len(stream) and stream[pos] == 0xFF:
+        marker, size = stream[pos + 1], int.from_bytes(stream[pos + 2 : pos + 4], "big")
+        body = stream[pos + 4 : pos + 2 + size]
+        if marker == 0xC4:  # DHT: class/id, 16 counts, symbols
+            i = 0
+            while i + 17 <= len(body):
+                tc, th, counts = body[i] >> 4, body[i] & 15, body[i + 1 : i + 17]
+                symbols = body[i + 17 : i + 17 + sum(counts)]
+                lengths = [k + 1 for k, c in enumerate(counts) for _ in range(c)]
+                if 0 in symbols:
+                    (ac0 if tc else dc0)[th] = lengths[symbols.index(0)]
+                i += 17 + sum(counts)
+        elif marker in (0xC0, 0xC1):  # baseline / extended sequential
+            height, width = int.from_bytes(body[1:3], "big"), int.from_bytes(body[3:5], "big")
+            for k in range(body[5]):
+                cid, hv = body[6 + 3 * k], body[7 + 3 * k]
+                comps[cid] = (hv >> 4, hv & 15)
+        elif marker == 0xDD:  # DRI
+            restart = int.from_bytes(body[:2], "big")
+        elif marker == 0xDA:  # SOS: the scan follows
+            if not comps or not width:
+                return -1, 0
+            hmax, vmax = max(h for h, _ in comps.values()), max(v for _, v in comps.values())
+            mcus = -(-width // (8 * hmax)) * -(-height // (8 * vmax))
+            bits, intervals = 0, 1 + (mcus - 1) // restart if restart else 1
+            for k in range(body[0]):
+                cid, tables = body[1 + 2 * k], body[2 + 2 * k]
+                if cid not in comps or tables >> 4 not in dc0 or tables & 15 not in ac0:
+                    return -1, 0
+                h, v = comps[cid]
+                bits += mcus * h * v * (dc0[tables >> 4] + ac0[tables & 15]) + intervals * 27
+            return pos + 2 + size, bits + intervals * 24
+        pos += 2 + size
+    return -1, 0
+
+
+MAYBE_FLAT = "one colour?"  # suspect_stream: small enough to be of one colour (decode to tell)
+
+
+def suspect_stream(stream: bytes) -> str:
+    """Why a JPEG tile that is stored without being decoded must not be stored as it is, or "" when
+    its bytes look intact. Corrupt: a header that cannot be parsed, no EOI at the end (cut data;
+    zero bytes may follow it),
+    ``SUSPECT_ZERO_RUN`` zero bytes in a row in the scan (zeroed data, which decodes without error to
+    the last block's colour, then grey: intact tiles measured at most 4 in a row), a marker other
+    than RST0-7 inside the scan (random data). ``MAYBE_FLAT``: a scan small enough to be of one
+    colour (a black or blank tile), to be decoded and checked."""
+    start, flat_bits = _flat_scan_bits(stream)
+    if start < 0:
+        return "header"
+    end = len(stream.rstrip(b"\x00"))  # zero padding after the EOI is allowed
+    if stream[end - 2 : end] != b"\xff\xd9":
+        return "no EOI"
+    scan = np.frombuffer(stream, np.uint8, count=end - 2 - start, offset=start)
+    if _zero_run(scan, SUSPECT_ZERO_RUN):
+        return "zero run"
+    after_ff = scan[1:][scan[:-1] == 0xFF]
+    if ((after_ff != 0) & ((after_ff < 0xD0) | (after_ff > 0xD7))).any():
+        return "marker in scan"
+    if len(scan) * 8 <= flat_bits:
+        return MAYBE_FLAT
+    return ""
 
 
 @dataclass(frozen=True)
