@@ -5,7 +5,10 @@ read ≥ 2× finer than the target by decoding JPEG tiles at 1/2, 1/4 or 1/8 in 
 (:class:`ReadPlan`). :func:`read_overview` gives the coarsest level whole, or a streamed shrunk copy
 when it is too large (non-pyramidal slides). :func:`read_patches` reads, resizes and JPEG-encodes
 the tissue cells in threads (or copies each cell's JPEG tile as it is, when a patch is exactly one
-tile) and drops the unreadable ones: flat (one colour) or garbled (:mod:`digilut.garbled`).
+tile) and drops the unreadable ones: flat (one colour) or garbled (:mod:`digilut.garbled`). A
+copied tile is judged by its bytes (:func:`~digilut.garbled.suspect_stream`: dropped when corrupt)
+and decoded for the flat and garbled checks only when it may be of one colour or is sampled
+(:func:`check_sample`: every 16th, at least 16 a slide).
 """
 
 from __future__ import annotations
