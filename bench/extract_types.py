@@ -336,7 +336,9 @@ def print_table(kind: str, results: dict[str, dict[str, float]]) -> None:
         )
 
 
-def main(quick: bool | Path = False, *, profile: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+def main(
+    quick: bool | Path = False, *, profile: bool = False, kinds: tuple[str, ...] = SLIDE_TYPES
+) -> dict[str, dict[str, dict[str, float]]]:
     """Run every slide type: ``quick`` on a 4096 × 3072 px base image (seconds, for the tests),
     else on a 24,576 × 18,432 px one (four demo slides' tissue). ``python -m bench`` passes its
     output folder instead: the full run there, or the quick one under ``python -m bench --quick``;
@@ -370,7 +372,7 @@ def main(quick: bool | Path = False, *, profile: bool = False) -> dict[str, dict
         "CPU = process time incl. children"
     )
     every: dict[str, dict[str, dict[str, float]]] = {}
-    for kind in SLIDE_TYPES:
+    for kind in kinds:
         every[kind] = run_type(kind, level0, work, profile=profile)
         print_table(kind, every[kind])
     shutil.rmtree(work, ignore_errors=True)
@@ -385,5 +387,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--profile", action="store_true", help="cProfile (a) on every slide type")
+    ap.add_argument("--types", nargs="+", choices=SLIDE_TYPES, default=SLIDE_TYPES, help="slide types to run")
     args = ap.parse_args()
-    main(args.quick, profile=args.profile)
+    main(args.quick, profile=args.profile, kinds=tuple(args.types))
