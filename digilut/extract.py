@@ -190,7 +190,8 @@ def extract_slide(
 
     Unreadable tissue patches — flat (a black or blank tile) or garbled (a tile that decodes to
     pixels whose colour disagrees with a coarser level, beyond the slide's own level-to-level
-    colour map: :func:`digilut.garbled.calibrate_levels`) — are dropped and named in ``warning``;
+    colour map: :func:`digilut.garbled.calibrate_levels`) or, for JPEG tiles stored as they are,
+    corrupt JPEG data (:func:`digilut.garbled.suspect_stream`) — are dropped and named in ``warning``;
     more than ``cfg.max_constant_fraction`` of them fail the slide.
     """
     t0 = time.perf_counter()

@@ -9,7 +9,9 @@ slide (:func:`calibrate_levels`); a garbled tile does not follow it (:func:`find
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +31,12 @@ MIN_CALIBRATION_PATCHES = 8
 MAX_SLOPE = 1.4
 MAX_SHIFT = 48.0
 REFERENCE_PX = 16 * 2**20  # the largest level held whole as that reference
+# A copied JPEG tile (stored as it is) is dropped as corrupt when its bytes say so (:func:`suspect_stream`:
+# e.g. this many zero bytes in a row in its entropy-coded data), decoded and checked when it may be of
+# one colour, or when it is every this-many-th copied tile: the slide's level-to-level colour map is
+# fitted on those and a level garbled throughout is seen (:func:`find_garbled`).
+SUSPECT_ZERO_RUN = 16
+CHECK_EVERY_MAX = 16
 
 
 def mean_rgb(pixels: np.ndarray) -> np.ndarray:
@@ -37,6 +45,98 @@ def mean_rgb(pixels: np.ndarray) -> np.ndarray:
     h, w = pixels.shape[:2]
     cols = pixels.sum(axis=0, dtype=np.uint32)  # W×3: ≤ H·255 each
     return cols.sum(axis=0, dtype=np.uint64) / max(1, h * w)
+
+
+@functools.lru_cache(maxsize=256)
+def _symbol0_lengths(dht: bytes) -> tuple[tuple[int, int, int, bool], ...]:
+    """(class, id, code length of symbol 0, whether the all-zero code is symbol 0) of each Huffman
+    table in a DHT segment's body that codes symbol 0 (DC difference 0 / AC end-of-block); cached:
+    every tile of a level repeats its tables."""
+    out, i = [], 0
+    while i + 17 <= len(dht):
+        counts = dht[i + 1 : i + 17]
+        symbols = dht[i + 17 : i + 17 + sum(counts)]
+        if 0 in symbols:
+            at = symbols.index(0)
+            length = next(k + 1 for k in range(16) if sum(counts[: k + 1]) > at)
+            out.append((dht[i] >> 4, dht[i] & 15, length, at == 0))  # canonical: code 0…0 is the first
+        i += 17 + sum(counts)
+    return tuple(out)
+
+
+def _flat_scan_bits(stream: bytes) -> tuple[int, int, bool]:
+    """Where the entropy-coded data of a baseline JPEG ``stream`` starts, and the most bits it can
+    take when every block has the same colour (each block: the DC code of difference 0 and the AC
+    end-of-block code; the first block of each component and of each restart interval: ≤ 27 bits
+    and ≤ 8 padding bits, 2 marker bytes); and whether zero bits decode as such blocks (every
+    table's all-zero code is symbol 0: then zero bytes can be intact data). (-1, 0, False) when the
+    header cannot be parsed."""
+    dc0: dict[int, int] = {}  # Huffman table id → code length of symbol 0 (DC diff 0 / AC EOB)
+    ac0: dict[int, int] = {}
+    zero_code: dict[tuple[int, int], bool] = {}  # (class, id) → its all-zero code is symbol 0
+    comps: dict[int, tuple[int, int]] = {}  # component id → (h, v)
+    width = height = restart = 0
+    pos = 2
+    while pos + 4 <= len(stream) and stream[pos] == 0xFF:
+        marker, size = stream[pos + 1], int.from_bytes(stream[pos + 2 : pos + 4], "big")
+        body = stream[pos + 4 : pos + 2 + size]
+        if marker == 0xC4:  # DHT: class/id, 16 counts, symbols
+            for tc, th, length, first in _symbol0_lengths(body):
+                (ac0 if tc else dc0)[th] = length
+                zero_code[(tc, th)] = first
+        elif marker in (0xC0, 0xC1):  # baseline / extended sequential
+            height, width = int.from_bytes(body[1:3], "big"), int.from_bytes(body[3:5], "big")
+            for k in range(body[5]):
+                cid, hv = body[6 + 3 * k], body[7 + 3 * k]
+                comps[cid] = (hv >> 4, hv & 15)
+        elif marker == 0xDD:  # DRI
+            restart = int.from_bytes(body[:2], "big")
+        elif marker == 0xDA:  # SOS: the scan follows
+            if not comps or not width:
+                return -1, 0, False
+            hmax, vmax = max(h for h, _ in comps.values()), max(v for _, v in comps.values())
+            mcus = -(-width // (8 * hmax)) * -(-height // (8 * vmax))
+            bits, intervals, zeros_flat = 0, 1 + (mcus - 1) // restart if restart else 1, True
+            for k in range(body[0]):
+                cid, tables = body[1 + 2 * k], body[2 + 2 * k]
+                if cid not in comps or tables >> 4 not in dc0 or tables & 15 not in ac0:
+                    return -1, 0, False
+                h, v = comps[cid]
+                bits += mcus * h * v * (dc0[tables >> 4] + ac0[tables & 15]) + intervals * 27
+                zeros_flat &= zero_code[(0, tables >> 4)] and zero_code[(1, tables & 15)]
+            return pos + 2 + size, bits + intervals * 24, zeros_flat
+        pos += 2 + size
+    return -1, 0, False
+
+
+_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # in a scan: only stuffed 0xFF 0x00 and RST0-7
+MAYBE_FLAT = "one colour?"  # suspect_stream: small enough to be of one colour (decode to tell)
+
+
+def suspect_stream(stream: bytes) -> str:
+    """Why a JPEG tile that is stored without being decoded must not be stored as it is, or "" when
+    its bytes look intact. Corrupt: a header that cannot be parsed, no EOI at the end (cut data;
+    zero bytes may follow it),
+    ``SUSPECT_ZERO_RUN`` zero bytes in a row in the scan (zeroed data, which decodes without error to
+    the last block's colour, then grey: intact tiles measured at most 4 in a row), a marker other
+    than RST0-7 inside the scan (random data). ``MAYBE_FLAT``: a scan small enough to be of one
+    colour (a black or blank tile), or a zero run where the Huffman tables code zero bits as blocks
+    of one colour (optimised tables may: zeroed data is then told apart only by decoding), to be
+    decoded and checked."""
+    start, flat_bits, zeros_flat = _flat_scan_bits(stream)
+    if start < 0:
+        return "header"
+    end = len(stream.rstrip(b"\x00"))  # zero padding after the EOI is allowed
+    if stream[end - 2 : end] != b"\xff\xd9":
+        return "no EOI"
+    zero_run = stream.find(bytes(SUSPECT_ZERO_RUN), start, end - 2) >= 0
+    if zero_run and not zeros_flat:
+        return "zero run"
+    if _MARKER.search(stream, start, end - 2):
+        return "marker in scan"
+    if zero_run or (end - 2 - start) * 8 <= flat_bits:
+        return MAYBE_FLAT
+    return ""
 
 
 @dataclass(frozen=True)

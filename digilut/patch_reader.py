@@ -5,7 +5,10 @@ read ≥ 2× finer than the target by decoding JPEG tiles at 1/2, 1/4 or 1/8 in 
 (:class:`ReadPlan`). :func:`read_overview` gives the coarsest level whole, or a streamed shrunk copy
 when it is too large (non-pyramidal slides). :func:`read_patches` reads, resizes and JPEG-encodes
 the tissue cells in threads (or copies each cell's JPEG tile as it is, when a patch is exactly one
-tile) and drops the unreadable ones: flat (one colour) or garbled (:mod:`digilut.garbled`).
+tile) and drops the unreadable ones: flat (one colour) or garbled (:mod:`digilut.garbled`). A
+copied tile is judged by its bytes (:func:`~digilut.garbled.suspect_stream`: dropped when corrupt)
+and decoded for the flat and garbled checks only when it may be of one colour or is sampled
+(:func:`check_sample`: every 16th, at least 16 a slide).
 """
 
 from __future__ import annotations
@@ -21,7 +24,15 @@ import numpy as np
 from PIL import Image
 
 from digilut.errors import SlideReadError
-from digilut.garbled import Reference, find_garbled, mean_rgb, reference_level
+from digilut.garbled import (
+    CHECK_EVERY_MAX,
+    MAYBE_FLAT,
+    Reference,
+    find_garbled,
+    mean_rgb,
+    reference_level,
+    suspect_stream,
+)
 from digilut.level_reader import CACHE_BYTES, LevelReader, decode_jpeg_scaled
 from digilut.shards import decode_jpeg
 from digilut.slide import LevelChoice, SlideInfo, decode_scale_for
@@ -144,6 +155,14 @@ def tile_copy_ok(info: SlideInfo, plan: ReadPlan, stride: int, cell: tuple[int, 
     return same
 
 
+def check_sample(n: int) -> np.ndarray:
+    """Which of ``n`` copied tiles are decoded for the checks even when their bytes look intact:
+    every ``CHECK_EVERY_MAX``-th, or more often so that at least 16 are (bool per tile)."""
+    sample = np.zeros(n, bool)
+    sample[:: max(1, min(CHECK_EVERY_MAX, n // 16))] = True
+    return sample
+
+
 @dataclass
 class CellReads:
     """What reading grid cells gave: the kept patches' JPEG streams and grid indices, why each
@@ -158,20 +177,45 @@ class CellReads:
 
 
 def read_cells(
-    info: SlideInfo, plan: ReadPlan, grid: Grid, cells: np.ndarray, ref: Reference | None, cache_bytes: int
+    info: SlideInfo,
+    plan: ReadPlan,
+    grid: Grid,
+    cells: np.ndarray,
+    ref: Reference | None,
+    cache_bytes: int,
+    sample: np.ndarray,
 ) -> CellReads:
     """Read, resize and JPEG-encode the grid cells ``cells`` (or, ``plan.tile_copy``, take each
-    cell's JPEG tile as it is); skip flat patches (one colour: a black/blank tile) and say why."""
+    cell's JPEG tile as it is); skip flat patches (one colour: a black/blank tile) and say why.
+
+    A copied tile whose bytes are corrupt (:func:`~digilut.garbled.suspect_stream`) is dropped; it
+    is decoded (at 1/8) for the flat and garbled checks only when it may be of one colour or
+    ``sample`` (bool, per cell) picks it; the others get NaN mean colours (not judged by
+    :func:`~digilut.garbled.find_garbled`)."""
     out = CellReads([], [], [], np.empty((0, 3)), np.empty((0, 3)))
     means: list[np.ndarray] = []
     ref_means: list[np.ndarray] = []
     region, level = plan.region, plan.level
+    unchecked = np.full(3, np.nan)
     with LevelReader(info, level, cache_bytes=cache_bytes, decode_scale=plan.decode_scale) as reader:
-        for i in cells:
+        for k, i in enumerate(cells):
             x, y = int(grid.gx[i]), int(grid.gy[i])
             stream = b""
             if plan.tile_copy:
                 stream = reader.tile_stream(x // region, y // region)
+                why = suspect_stream(stream)
+                if why and why != MAYBE_FLAT:
+                    out.bad.append(
+                        f"corrupt JPEG data ({why}): level {level} tile ({x // region}, {y // region})"
+                    )
+                    continue
+                if not sample[k] and not why:  # intact-looking bytes: stored as they are
+                    if ref is not None:
+                        means.append(unchecked)
+                        ref_means.append(unchecked)
+                    out.jpegs.append(stream)
+                    out.kept.append(int(i))
+                    continue
                 try:  # the checks need the tile's block means only: its DC coefficients (1/8 scale)
                     px = decode_jpeg_scaled(stream, 8)
                 except (OSError, ValueError) as err:
@@ -200,7 +244,10 @@ def read_cells(
 def _drop_garbled(info: SlideInfo, plan: ReadPlan, grid: Grid, reads: CellReads) -> None:
     """Drop (from ``reads``, naming their tiles in ``reads.bad``) the patches whose colour does not
     follow this slide's level-to-level map."""
-    garbled, off, calibration = find_garbled(reads.means, reads.ref_means)
+    checked = np.flatnonzero(np.isfinite(reads.means).all(axis=1))  # copied tiles: suspect or sampled
+    found, off_checked, calibration = find_garbled(reads.means[checked], reads.ref_means[checked])
+    garbled, off = checked[found], np.full(len(reads.means), np.nan)
+    off[checked] = off_checked
     if len(garbled):
         region = plan.region
         with LevelReader(info, plan.level, decode_scale=plan.decode_scale) as reader:
@@ -235,13 +282,20 @@ def read_patches(
     and garbled ones. Returns the plan as used (``tile_copy`` when every patch is one JPEG tile
     stored as it is) and the reads. ``overview``: the coarsest level, when read whole."""
     ref = reference_level(info, plan.level, grid.side0, overview)
+    sample = np.ones(len(keep), bool)
     if len(keep) and tile_copy_ok(info, plan, grid.stride, (int(grid.gx[keep[0]]), int(grid.gy[keep[0]]))):
         plan = dataclasses.replace(plan, tile_copy=True)
+        sample = check_sample(len(keep))
     # Threads share the work in raster-order chunks (libjpeg-turbo releases the GIL), each with its
     # own reader and tile cache.
-    chunks = [c for c in np.array_split(keep, max(1, threads)) if len(c)]
+    n = max(1, threads)
+    chunks = [
+        (c, s) for c, s in zip(np.array_split(keep, n), np.array_split(sample, n), strict=True) if len(c)
+    ]
     with ThreadPoolExecutor(max_workers=max(1, len(chunks))) as pool:
-        parts = list(pool.map(lambda c: read_cells(info, plan, grid, c, ref, cache_bytes), chunks))
+        parts = list(
+            pool.map(lambda cs: read_cells(info, plan, grid, cs[0], ref, cache_bytes, cs[1]), chunks)
+        )
     reads = CellReads(
         [j for p in parts for j in p.jpegs],
         [i for p in parts for i in p.kept],

@@ -1,6 +1,7 @@
 """Extraction at the speed of the JPEG decoder: tiles decoded at 1/2-1/8 in the DCT domain when the
 level is ≥ 2× finer than the target, and JPEG tiles stored as they are when a patch is one tile."""
 
+import io
 import logging
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from slide_fixtures import write_pyramid
 from digilut.extract import ExtractConfig, extract_slide
 from digilut.level_reader import LevelReader, reduce_box
 from digilut.manifest import read_manifest, read_patch
+from digilut.patch_reader import check_sample
 from digilut.reference_data import cmu_small_region_svs
 from digilut.shards import iter_shard
 from digilut.slide import decode_scale_for, read_slide_info
@@ -139,3 +141,76 @@ def test_mean_rgb_is_numpys_mean_colour():
     assert np.allclose(
         mean_rgb(px[10:20, 5:9]), px[10:20, 5:9].reshape(-1, 3).mean(axis=0), rtol=0, atol=1e-9
     )
+
+
+def _replace_tile(path: Path, level: int, tile: tuple[int, int], how: str) -> None:
+    """Overwrite the last two thirds of one JPEG tile's data (keeping its EOI) with zeros or random
+    bytes, or the whole tile with a black tile's JPEG (padded to its size)."""
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[level]
+        idx = tile[1] * -(-page.shape[1] // page.tilewidth) + tile[0]
+        off, n = page.dataoffsets[idx], page.databytecounts[idx]
+        if how == "black":
+            black = imagecodecs.jpeg8_encode(
+                np.zeros((page.tilelength, page.tilewidth, 3), np.uint8), level=85
+            )
+            assert len(black) <= n
+            data[off : off + n] = black + bytes(n - len(black))  # bytes after EOI are ignored
+        else:
+            fill = np.random.default_rng(1).integers(0, 256, n - 2 - n // 3, dtype=np.uint8).tobytes()
+            data[off + n // 3 : off + n - 2] = bytes(n - 2 - n // 3) if how == "zeros" else fill
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["zeros", "random", "black"])
+def test_a_zeroed_corrupted_or_black_tile_is_not_copied(how, tmp_path, tiny_data):
+    """Copied tiles are not decoded unless they may be of one colour or are sampled: a zeroed or
+    randomised tile is dropped for its bytes, a black one for its pixels, each named in the warning;
+    the intact tiles are stored as they are. (Zeroed data decodes to the last block's colour: the
+    mean-colour check alone misses it on most of these tiles.)"""
+    level0 = tifffile.imread(sorted((tiny_data / "images").iterdir())[0], level=1)
+    path = write_pyramid(tmp_path / "t_a.tif", level0, mpp=0.5)
+    cfg = ExtractConfig(max_constant_fraction=0.5)
+    intact = extract_slide(path, tmp_path / "intact", cfg)
+    before = read_manifest(tmp_path / "intact" / "parts" / "t_a.parquet")
+    k = len(before) // 2
+    k += int(check_sample(len(before))[k])  # a tile decoded only if suspect (every cell is tissue here)
+    row = before.iloc[k]
+    tile = (int(row.x0) // 256, int(row.y0) // 256)
+    _replace_tile(path, 0, tile, how)
+    r = extract_slide(path, tmp_path / "out", cfg)
+    why = {"zeros": "corrupt JPEG data (zero run)", "random": "corrupt JPEG data (marker in scan)"}
+    assert r.patches == intact.patches - 1 and f"{why.get(how, 'flat')}: level 0 tile {tile}" in r.warning
+    after = read_manifest(tmp_path / "out" / "parts" / "t_a.parquet")
+    assert not ((after.x0 == row.x0) & (after.y0 == row.y0)).any()
+    was = dict(
+        zip(
+            zip(before.x0, before.y0, strict=True),
+            iter_shard(tmp_path / "intact" / before.shard.iloc[0]),
+            strict=True,
+        )
+    )
+    now = iter_shard(tmp_path / "out" / after.shard.iloc[0])
+    for (_, kept), data in zip(after.iterrows(), now, strict=True):
+        assert data == was[(kept.x0, kept.y0)]  # the other tiles: copied as they were
+
+
+def test_suspect_streams_are_told_from_intact_tiles():
+    from digilut.garbled import MAYBE_FLAT, suspect_stream
+
+    intact = _tile_streams(cmu_small_region_svs(fetch=False), 0)  # a real scanner's tiles, JPEGTables merged
+    assert [suspect_stream(s) for s in intact] == [""] * len(intact)
+    s = max(intact, key=len)
+    n = len(s)
+    zeroed = s[: n // 2] + bytes(n - 2 - n // 2) + s[-2:]
+    noise = np.random.default_rng(0).integers(0, 256, n - 2 - n // 2, dtype=np.uint8).tobytes()
+    black = imagecodecs.jpeg8_encode(np.zeros((240, 240, 3), np.uint8), level=85)
+    grey = imagecodecs.jpeg8_encode(np.full((256, 256, 3), 128, np.uint8), level=95)
+    assert suspect_stream(zeroed) == "zero run"
+    assert suspect_stream(s[: n // 2] + noise + s[-2:]) == "marker in scan"
+    assert suspect_stream(s[:-100]) == "no EOI"
+    buf = io.BytesIO()  # optimised Huffman tables code a flat block as zero bits: zero runs are intact there
+    Image.fromarray(np.full((256, 256, 3), 30, np.uint8)).save(buf, "JPEG", quality=90, optimize=True)
+    assert suspect_stream(black) == suspect_stream(grey) == suspect_stream(buf.getvalue()) == MAYBE_FLAT
+    assert suspect_stream(b"\xff\xd8\xff\xd9") == "header"
