@@ -33,7 +33,7 @@ def inference(
     stride_px: int = INFERENCE_STRIDE_PX,
     min_tissue_fraction: float = EXTRACT_DEFAULTS.min_tissue_fraction,
     tissue_threshold: int = EXTRACT_DEFAULTS.tissue_threshold,
-    predict_batch_size: int = PREDICT_DEFAULTS.batch_size,
+    predict_batch_size: int = PREDICT_DEFAULTS.predict_batch_size,
     boxes_method: str = BOXES_DEFAULTS.method,
     shards_uri: str = "",
 ) -> None:
@@ -50,7 +50,7 @@ def inference(
     )
     fm = use_s3_and_tracking(fetch_models(model_uri=model_uri)).set_caching_options(False)
     pr = predict_all(
-        patches=mg.outputs["patches"], models=fm.outputs["models"], batch_size=predict_batch_size
+        patches=mg.outputs["patches"], models=fm.outputs["models"], predict_batch_size=predict_batch_size
     )
     on_gpu(use_s3_and_tracking(pr), cpu="8", memory="32Gi").set_caching_options(False)  # S3: shards
     sub = submission(

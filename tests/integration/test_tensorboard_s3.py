@@ -27,7 +27,7 @@ from tests.unit.patch_fixtures import make_patch_manifest
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 TINY = TrainConfig(
-    input_px=64, epochs=2, batch_size=16, num_workers=0, weights="none", hidden_units=32, lr=1e-3
+    input_px=64, epochs=2, train_batch_size=16, num_workers=0, weights="none", hidden_units=32, lr=1e-3
 )
 
 
