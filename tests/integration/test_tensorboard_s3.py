@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from digilut.ops.services import HOST, S3Server, Service, free_ports
+from digilut.ops.process import HOST, Service, free_ports
+from digilut.ops.s3_server import S3Server
 from digilut.s3config import S3Config
 from digilut.storage import list_objects
 from digilut.tracking import Tracker, TrackingConfig
