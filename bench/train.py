@@ -139,8 +139,10 @@ def bench_loader(manifest: Path, n: int = 1536, batch: int = 64, px: int = 256) 
     """
     import torch
 
-    from digilut.data import ColourAugment, PatchDataset, make_loader, make_sampler, to_model_input
+    from digilut.data import PatchDataset, make_loader, make_sampler
     from digilut.manifest import read_manifest
+    from digilut.train_config import ColourAugment
+    from digilut.transforms import to_model_input
 
     rows = read_manifest(manifest).iloc[:n]
     ds = PatchDataset(manifest.parent, rows, augment=True, seed=0)
@@ -171,8 +173,9 @@ def _train_step_fn(model: Any, opt: Any, device: Any, amp: bool, channels_last: 
     import torch
     import torch.nn.functional as F
 
-    from digilut.data import ColourAugment, to_model_input
     from digilut.predict import amp_dtype
+    from digilut.train_config import ColourAugment
+    from digilut.transforms import to_model_input
 
     gen = torch.Generator(device).manual_seed(0)
     aug = ColourAugment()

@@ -25,12 +25,13 @@ from torchvision.ops import sigmoid_focal_loss
 
 from digilut.checkpoint import MidEpoch, StopRequest, TrainState, cuda_rng_state, restore_cuda_rng
 from digilut.cpus import available_cpus
-from digilut.data import PatchDataset, make_loader, make_sampler, to_model_input
+from digilut.data import PatchDataset, make_loader, make_sampler
 from digilut.fold_data import FoldData
 from digilut.fold_log import FoldLogger
 from digilut.model import PatchClassifier, build_model
 from digilut.predict import amp_dtype, safe_auroc
 from digilut.train_config import TrainConfig
+from digilut.transforms import to_model_input
 from digilut.weights import BackboneInit
 
 

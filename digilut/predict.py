@@ -109,7 +109,7 @@ class Ensemble:
         :attr:`needs_stain`."""
         import torch
 
-        from digilut.data import to_model_input
+        from digilut.transforms import to_model_input
 
         with torch.inference_mode():
             inputs: dict[tuple[int, str], torch.Tensor] = {}  # one input per model input size and stain

@@ -20,12 +20,12 @@ import yaml
 from patch_fixtures import make_patch_manifest
 
 from digilut import k8s
-from digilut.data import to_model_input
 from digilut.epoch import training_loss
 from digilut.manifest import read_manifest
 from digilut.model import build_model, gpu_required, load_model, select_device
 from digilut.predict import PredictConfig, amp_dtype, predict_patches, safe_auroc
 from digilut.train import TrainConfig, train_fold
+from digilut.transforms import to_model_input
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
