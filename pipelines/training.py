@@ -161,7 +161,7 @@ def training(
     checkpoints so that re-running a failed or half-finished pipeline resumes its folds ("" = none);
     ``shards_uri``: the shard store, a folder or ``s3://`` prefix where extraction puts the patch shards
     that training and prediction read by ranged GET ("" = ``<data_uri>/digilut-shards``)."""
-    run_params = dict(locals())  # every parameter above, logged on the MLflow parent run
+    run_params = dict(locals())  # every parameter above: logged on the MLflow parent run, passed on by name
     ing = ingest_source(data_uri, slides_per_batch, require_boxes=True)
     tracking = use_s3_and_tracking(
         start_tracking(
