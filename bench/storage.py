@@ -55,7 +55,7 @@ def _run(
     kill_at_s: float = KILL_AT_S,
     down_s: float = DOWN_S,
 ) -> tuple[str, str, float, float | None]:
-    from digilut.ops.services import start_s3
+    from digilut.ops.s3_server import start_s3
     from digilut.storage import download_file, s3_client
 
     server = start_s3(work / re.sub(r"[^a-z0-9]+", "_", name.lower()))

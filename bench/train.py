@@ -45,7 +45,7 @@ QUALITY = {
     "arch": "resnet18",
     "input_px": 64,
     "epochs": 3,
-    "batch_size": 32,
+    "train_batch_size": 32,
     "lr": 1e-3,
     "patches_per_epoch": 960,
     "max_val_patches": 0,
@@ -54,7 +54,7 @@ QUALITY = {
 # Quick mode (bench.quick()): the same run on tiny inputs, to prove the code still runs.
 # (no held-out patients: the training slides stand in for them)
 QUICK = {"train_patients": 3, "heldout_patients": 0, "folds": 2, "size": "tiny", "workers": 0}
-QUICK_QUALITY = {**QUALITY, "input_px": 32, "epochs": 1, "batch_size": 16, "patches_per_epoch": 32,
+QUICK_QUALITY = {**QUALITY, "input_px": 32, "epochs": 1, "train_batch_size": 16, "patches_per_epoch": 32,
                  "max_val_patches": 32, "num_workers": 0, "hidden_units": 16}  # fmt: skip
 GOALS = {"mean_f2": 0.80, "patch_auroc": 0.95, "loader_per_worker": 1000.0, "gpu_train_real": 8000.0,
          "amp_speedup": 2.0, "ensemble_s": 2.0}  # fmt: skip
@@ -139,8 +139,10 @@ def bench_loader(manifest: Path, n: int = 1536, batch: int = 64, px: int = 256) 
     """
     import torch
 
-    from digilut.data import ColourAugment, PatchDataset, make_loader, make_sampler, to_model_input
+    from digilut.data import PatchDataset, make_loader, make_sampler
     from digilut.manifest import read_manifest
+    from digilut.train_config import ColourAugment
+    from digilut.transforms import to_model_input
 
     rows = read_manifest(manifest).iloc[:n]
     ds = PatchDataset(manifest.parent, rows, augment=True, seed=0)
@@ -171,8 +173,9 @@ def _train_step_fn(model: Any, opt: Any, device: Any, amp: bool, channels_last: 
     import torch
     import torch.nn.functional as F
 
-    from digilut.data import ColourAugment, to_model_input
     from digilut.predict import amp_dtype
+    from digilut.train_config import ColourAugment
+    from digilut.transforms import to_model_input
 
     gen = torch.Generator(device).manual_seed(0)
     aug = ColourAugment()
@@ -306,7 +309,7 @@ def bench_gpu(out: Path, manifest: Path, heldout: Path) -> dict[str, float]:
     for i in range(5):
         torch.manual_seed(i)
         paths.append(save_model(out / f"gpu-model{i}.pt", build_model(ModelSpec(input_px=256), "none")))
-    cfg = PredictConfig(batch_size=512, num_workers=workers)
+    cfg = PredictConfig(predict_batch_size=512, num_workers=workers)
     predict_patches(slide.iloc[:2048], heldout.parent, paths, cfg, dev)  # warm-up (cuDNN autotune)
     t0 = time.perf_counter()
     predict_patches(slide, heldout.parent, paths, cfg, dev)
@@ -343,7 +346,8 @@ def quality_run(
     t0 = time.perf_counter()
     held = read_manifest(heldout)
     models = [out / "models" / f"fold{k}" / "model.pt" for k in range(folds)]
-    pred = predict_patches(held, heldout.parent, models, PredictConfig(batch_size=128, num_workers=1), device)
+    pcfg = PredictConfig(predict_batch_size=128, num_workers=1)
+    pred = predict_patches(held, heldout.parent, models, pcfg, device)
     predict_s = time.perf_counter() - t0
     write_manifest(pred, out / "heldout-pred.parquet")
     oof = oof_at_stride_128(out, manifest, device)
@@ -405,7 +409,7 @@ def oof_at_stride_128(out: Path, manifest: Path, device: Any) -> pd.DataFrame:
         held = rows[rows["slide"].map(fold_of).eq(k)]
         model = out / "models" / f"fold{k}" / "model.pt"
         parts.append(
-            predict_patches(held, grid, [model], PredictConfig(batch_size=128, num_workers=1), device)
+            predict_patches(held, grid, [model], PredictConfig(predict_batch_size=128, num_workers=1), device)
         )
     return pd.concat(parts, ignore_index=True)
 

@@ -25,7 +25,9 @@ def fetch_models(model_uri: str, models: Output[Model]):
 
 
 @dsl.component(base_image=TRAIN, install_kfp_package=False)
-def predict_all(patches: Input[Dataset], models: Input[Model], batch_size: int, predictions: Output[Dataset]):
+def predict_all(
+    patches: Input[Dataset], models: Input[Model], predict_batch_size: int, predictions: Output[Dataset]
+):
     """Mean probability of the ensemble on every patch."""
     from pathlib import Path
 

@@ -39,9 +39,8 @@ def ingest(
 
     from digilut.steps.ingest import ingest_step
 
-    return ingest_step(
-        data_uri, source, Path(annotations.path), batch_size=slides_per_batch, require_boxes=require_boxes
-    )
+    out = Path(annotations.path)
+    return ingest_step(data_uri, source, out, slides_per_batch=slides_per_batch, require_boxes=require_boxes)
 
 
 @dsl.component(base_image=BASE, install_kfp_package=False)

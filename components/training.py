@@ -52,7 +52,7 @@ def train_fold(
     loss: str,
     input_px: int,
     epochs: int,
-    batch_size: int,
+    train_batch_size: int,
     lr: float,
     seed: int,
     experiment: str,
@@ -95,7 +95,7 @@ def predict(
     patches: Input[Dataset],
     split: Input[Dataset],
     models: Input[list[Model]],
-    batch_size: int,
+    predict_batch_size: int,
     predictions: Output[Dataset],
 ):
     """Ensemble (mean probability of every fold model) on the test patients' patches."""

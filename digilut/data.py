@@ -1,4 +1,4 @@
-"""Patches for training and inference: a shard-backed Dataset, samplers, and device-side transforms.
+"""Patches for training and inference: a shard-backed Dataset, samplers and loaders.
 
 The CPU side does as little as possible per patch, all in uint8: read the JPEG stream from the
 slide's shard by manifest row (``pread``, no per-patch files), decode it with libjpeg-turbo
@@ -7,10 +7,10 @@ slide's shard by manifest row (``pread``, no per-patch files), decode it with li
 ``__getitems__`` call, so collation is free and what crosses to the main process (and to pinned
 memory) is one ``B×H×W×3`` uint8 tensor.
 
-Everything that is arithmetic happens on the device, batched, in :func:`to_model_input`: uint8 →
-float, resize to the model's ``input_px``, colour jitter and H&E stain augmentation (training
-only), ImageNet normalisation, channels-last. On a GPU that is a few kernels per batch; on the
-CPU it is still vectorised over the batch.
+Everything that is arithmetic happens on the device, batched, in :mod:`digilut.transforms`
+(``to_model_input``): uint8 → float, resize to the model's ``input_px``, colour jitter and H&E
+stain augmentation (training only), ImageNet normalisation, channels-last. On a GPU that is a few
+kernels per batch; on the CPU it is still vectorised over the batch.
 
 Randomness is reproducible and independent of the number of workers: a batch's transforms are
 drawn from a generator seeded by ``(seed, epoch, the batch's row indices)``.
@@ -32,7 +32,6 @@ import imagecodecs
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import (
     DataLoader,
     Dataset,
@@ -44,8 +43,8 @@ from torch.utils.data import (
 
 from digilut.errors import ConfigError, ShardError
 from digilut.shards import ShardReader, decode_jpeg
-from digilut.stain import FIT_PATCHES, reinhard_normalise, tissue_lab_stats
-from digilut.train_config import SAMPLERS, ColourAugment
+from digilut.stain import FIT_PATCHES, tissue_lab_stats
+from digilut.train_config import SAMPLERS
 
 log = logging.getLogger(__name__)
 
@@ -343,69 +342,6 @@ def make_loader(
         prefetch_factor=2 if num_workers else None,
         persistent_workers=False,  # workers are re-forked each epoch and see set_epoch()
     )
-
-
-def _uniform(
-    n: int, shape: tuple[int, ...], spread: float, gen: torch.Generator, device: torch.device, centre: float
-) -> torch.Tensor:
-    u = torch.rand((n, *shape), generator=gen, device=device)
-    return centre + (2 * u - 1) * spread
-
-
-def colour_augment(x: torch.Tensor, aug: ColourAugment, gen: torch.Generator) -> torch.Tensor:
-    """Apply :class:`ColourAugment` to a float ``B×3×H×W`` batch in [0, 1] (per-patch draws)."""
-    n, dev = x.shape[0], x.device
-    if aug.stain_scale or aug.stain_shift:
-        hed_from_rgb = _HED_FROM_RGB.to(dev)
-        rgb_from_hed = _RGB_FROM_HED.to(dev)
-        od = -torch.log(x.clamp_min(1e-6))  # B×3×H×W optical density
-        hed = torch.einsum("bchw,cd->bdhw", od, hed_from_rgb)
-        alpha = _uniform(n, (3, 1, 1), aug.stain_scale, gen, dev, 1.0)
-        beta = _uniform(n, (3, 1, 1), aug.stain_shift * _OD_UNIT, gen, dev, 0.0)
-        od = torch.einsum("bdhw,dc->bchw", hed * alpha + beta, rgb_from_hed)
-        x = torch.exp(-od.clamp_min(0.0))
-    if aug.brightness:
-        x = x * _uniform(n, (1, 1, 1), aug.brightness, gen, dev, 1.0)
-    luma = torch.tensor(_LUMA, device=dev).view(1, 3, 1, 1)
-    if aug.contrast:
-        mean = (x * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-        x = (x - mean) * _uniform(n, (1, 1, 1), aug.contrast, gen, dev, 1.0) + mean
-    if aug.saturation:
-        grey = (x * luma).sum(1, keepdim=True)
-        x = (x - grey) * _uniform(n, (1, 1, 1), aug.saturation, gen, dev, 1.0) + grey
-    return x.clamp(0.0, 1.0)
-
-
-def to_model_input(
-    images: torch.Tensor,
-    device: torch.device,
-    *,
-    input_px: int,
-    channels_last: bool = False,
-    augment: ColourAugment | None = None,
-    generator: torch.Generator | None = None,
-    stain: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """uint8 ``B×H×W×3`` patches → the model's normalised float ``B×3×input_px×input_px`` input.
-
-    Moves the batch to ``device`` (non-blocking from pinned memory), resizes when ``input_px``
-    differs from the patch size (antialiased), maps each patch's slide stain ``stain`` (``B×2×3``
-    LAB statistics, :mod:`digilut.stain`) onto the reference when given, applies ``augment`` with
-    ``generator`` (a generator on ``device``), normalises with the ImageNet mean and std.
-    """
-    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-1] != input_px or x.shape[-2] != input_px:
-        x = F.interpolate(x, size=(input_px, input_px), mode="bilinear", antialias=True, align_corners=False)
-    if stain is not None:
-        x = reinhard_normalise(x, stain)
-    if augment is not None:
-        if generator is None:
-            raise ConfigError("to_model_input: augment needs a generator on the device")
-        x = colour_augment(x, augment, generator)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
 def slide_stain_stats(

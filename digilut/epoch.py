@@ -25,12 +25,13 @@ from torchvision.ops import sigmoid_focal_loss
 
 from digilut.checkpoint import MidEpoch, StopRequest, TrainState, cuda_rng_state, restore_cuda_rng
 from digilut.cpus import available_cpus
-from digilut.data import PatchDataset, make_loader, make_sampler, to_model_input
+from digilut.data import PatchDataset, make_loader, make_sampler
 from digilut.fold_data import FoldData
 from digilut.fold_log import FoldLogger
 from digilut.model import PatchClassifier, build_model
 from digilut.predict import amp_dtype, safe_auroc
 from digilut.train_config import TrainConfig
+from digilut.transforms import to_model_input
 from digilut.weights import BackboneInit
 
 
@@ -115,8 +116,8 @@ class EpochRunner:
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
         )
         self.per_epoch = cfg.patches_per_epoch or len(data.train)
-        self.drop_last = self.per_epoch > cfg.batch_size
-        self.steps_per_epoch = self.per_epoch // cfg.batch_size if self.drop_last else 1
+        self.drop_last = self.per_epoch > cfg.train_batch_size
+        self.steps_per_epoch = self.per_epoch // cfg.train_batch_size if self.drop_last else 1
         self.sched: Any
         if cfg.schedule == "cosine":
             self.sched = torch.optim.lr_scheduler.LambdaLR(
@@ -204,12 +205,12 @@ class EpochRunner:
         loss_sum, seen, first_step = 0.0, 0, 0
         if partial is not None:  # resume mid-epoch: the same rows, minus the batches done
             first_step, loss_sum, seen = partial.step, partial.loss_sum, partial.seen
-            sampler = list(sampler)[first_step * cfg.batch_size :]
+            sampler = list(sampler)[first_step * cfg.train_batch_size :]
             gen.set_state(partial.generator)
         loader = make_loader(
             self.train_set,
             sampler,
-            batch_size=cfg.batch_size,
+            batch_size=cfg.train_batch_size,
             num_workers=cfg.num_workers,
             pin_memory=self.use_cuda,
             drop_last=self.drop_last,
@@ -262,7 +263,7 @@ class EpochRunner:
         loader = make_loader(
             self.val_set,
             make_sampler(self.val_set.labels, "sequential"),
-            batch_size=self.cfg.batch_size * 2,
+            batch_size=self.cfg.train_batch_size * 2,
             num_workers=self.cfg.num_workers,
             pin_memory=self.use_cuda,
         )

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from digilut.data import IMAGENET_MEAN, IMAGENET_STD
 from digilut.errors import DigilutError
 from digilut.registry import log_model
 from digilut.tracking import RunHandle, Tracker
+from digilut.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 

@@ -38,14 +38,14 @@ ORIGINAL_METHOD = {"recall": 0.536, "precision": 0.034, "f1": 0.063}
 
 @dataclass(frozen=True)
 class PredictConfig:
-    batch_size: int = 256
+    predict_batch_size: int = 256  # patches per inference batch
     num_workers: int = 2
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
     channels_last: bool = True  # on CUDA
 
     def __post_init__(self) -> None:
-        if not 1 <= self.batch_size <= 8192:
-            raise ConfigError(f"batch_size={self.batch_size} must be in 1..8192")
+        if not 1 <= self.predict_batch_size <= 8192:
+            raise ConfigError(f"predict_batch_size={self.predict_batch_size} must be in 1..8192")
         if not 0 <= self.num_workers <= 64:
             raise ConfigError(f"num_workers={self.num_workers} must be in 0..64")
 
@@ -109,7 +109,7 @@ class Ensemble:
         :attr:`needs_stain`."""
         import torch
 
-        from digilut.data import to_model_input
+        from digilut.transforms import to_model_input
 
         with torch.inference_mode():
             inputs: dict[tuple[int, str], torch.Tensor] = {}  # one input per model input size and stain
@@ -152,7 +152,7 @@ def predict_patches(
         loader = make_loader(
             dataset,
             make_sampler(dataset.labels, "sequential"),
-            batch_size=cfg.batch_size,
+            batch_size=cfg.predict_batch_size,
             num_workers=cfg.num_workers,
             pin_memory=device.type == "cuda",
         )

@@ -95,12 +95,33 @@ def write_report(
     (boxes and heatmap contours for QuPath) when ``out_dir`` has one.
     """
     out = Path(out_dir)
-    pics = out / "pictures"
-    pics.mkdir(parents=True, exist_ok=True)
+    (out / "pictures").mkdir(parents=True, exist_ok=True)
+    hms = dict(heatmaps) if heatmaps is not None else build_heatmaps(pred) if len(pred) else {}
+    pictures = _slide_pictures(ev, pred, truth, out / "pictures", thumbnails, hms)
+    roc = (
+        _roc_png(pred["label"].to_numpy(), pred["prob"].to_numpy(), ev.patch.auroc, out / "roc.png")
+        if len(pred)
+        else None
+    )
+    report = out / "report.html"
+    report.write_text(_html(ev, out, title, models, roc, pictures))
+    (out / "report.md").write_text(_markdown(ev, title, models))
+    log.info("report: %s (%d pictures)", report, len(pictures))
+    return report
+
+
+def _slide_pictures(
+    ev: Evaluation,
+    pred: pd.DataFrame,
+    truth: pd.DataFrame,
+    pics: Path,
+    thumbnails: str | Path | None,
+    hms: Mapping[str, Heatmap],
+) -> list[tuple[str, Path]]:
+    """``pics/<stem>.png`` per slide of ``pred``: thumbnail, heatmap, truth and predicted boxes."""
     sizes: dict[str, dict[str, int]] = {}
     if thumbnails is not None and (Path(thumbnails) / "slides.json").is_file():
         sizes = json.loads((Path(thumbnails) / "slides.json").read_text())
-    hms = dict(heatmaps) if heatmaps is not None else build_heatmaps(pred) if len(pred) else {}
     f2_of = (
         dict(zip(ev.score.slides["slide"], ev.score.slides["f2"], strict=True))
         if len(ev.score.slides)
@@ -113,7 +134,6 @@ def write_report(
         thumb = (
             np.asarray(Image.open(thumb_path)) if thumb_path is not None and thumb_path.is_file() else None
         )
-        hm = hms.get(slide)
         size = sizes.get(slide)
         if size is None:  # no thumbnail info: the patch extent bounds the slide
             rows = pred[pred["slide"] == slide]
@@ -121,7 +141,7 @@ def write_report(
         path = render_heatmap_png(
             thumb,
             (size["width"], size["height"]),
-            hm,
+            hms.get(slide),
             truth[truth["filename"] == slide],
             ev.boxes[ev.boxes["filename"] == slide],
             pics / f"{stem}.png",
@@ -129,11 +149,18 @@ def write_report(
             n=int((truth["filename"] == slide).sum()) or None,
         )
         pictures.append((slide, path))
-    roc = (
-        _roc_png(pred["label"].to_numpy(), pred["prob"].to_numpy(), ev.patch.auroc, out / "roc.png")
-        if len(pred)
-        else None
-    )
+    return pictures
+
+
+def _html(
+    ev: Evaluation,
+    out: Path,
+    title: str,
+    models: Sequence[str],
+    roc: Path | None,
+    pictures: list[tuple[str, Path]],
+) -> str:
+    """``report.html``: self-contained, its pictures inlined."""
     p, o = ev.patch, ORIGINAL_METHOD
     table = ev.score.slides.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0)
     parts = [
@@ -166,8 +193,12 @@ def write_report(
         *(_slide_section(out, slide, path) for slide, path in pictures),
         "</body></html>",
     ]
-    report = out / "report.html"
-    report.write_text("\n".join(parts))
+    return "\n".join(parts)
+
+
+def _markdown(ev: Evaluation, title: str, models: Sequence[str]) -> str:
+    """``report.md``: the headline figures (the KFP UI's Markdown artifact)."""
+    p, o = ev.patch, ORIGINAL_METHOD
     md = [
         f"# {title}",
         f"**DigiLut mean F2 = {ev.score.mean_f2:.4f}** over {len(ev.score.slides)} test slide(s)",
@@ -184,9 +215,7 @@ def write_report(
         "```",
         *(["", "Models:", *(f"- {m}" for m in models)] if models else []),
     ]
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    log.info("report: %s (%d pictures)", report, len(pictures))
-    return report
+    return "\n".join(md) + "\n"
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ class TrainConfig:
     focal_alpha: float = 0.25  # -1 disables the class weighting of the focal loss
     epochs: int = 10
     patience: int = 3  # early stopping: epochs without a better validation AUROC
-    batch_size: int = 64
+    train_batch_size: int = 64  # patches per training step
     lr: float = 3e-4
     weight_decay: float = 1e-4
     schedule: str = "cosine"  # cosine (per step, 5% warm-up) | plateau (halve on a flat AUROC)
@@ -123,7 +123,7 @@ class TrainConfig:
         checks = {
             "epochs": 1 <= self.epochs <= 1000,
             "patience": 1 <= self.patience <= 1000,
-            "batch_size": 2 <= self.batch_size <= 8192,
+            "train_batch_size": 2 <= self.train_batch_size <= 8192,
             "lr": 0 < self.lr < 1,
             "weight_decay": 0 <= self.weight_decay < 1,
             "pos_weight": 0 < self.pos_weight <= 1000,
@@ -139,8 +139,8 @@ class TrainConfig:
         if bad:
             raise ConfigError(
                 ", ".join(f"{b}={getattr(self, b)}" for b in bad)
-                + " out of range (epochs, patience ≥ 1; batch_size 2..8192; 0 < lr < 1; 0 < pos_weight; "
-                "focal_alpha in (0, 1) or -1; counts ≥ 0)"
+                + " out of range (epochs, patience ≥ 1; train_batch_size 2..8192; 0 < lr < 1; "
+                "0 < pos_weight; focal_alpha in (0, 1) or -1; counts ≥ 0)"
             )
 
     def model_spec(self) -> ModelSpec:

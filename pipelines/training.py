@@ -9,7 +9,8 @@ boxes → DigiLut score and report.
                                                     evaluate (boxes, F2, ROC, report, publish)
 
 Every knob is a pipeline parameter whose default comes from the library's config dataclass of the
-same name, so the CLI, the library and the pipeline agree. ParallelFor parallelism is fixed when
+same name, so the CLI, the library and the pipeline agree; the components get their config parameters
+by name (:func:`pipelines.params.config_args`). ParallelFor parallelism is fixed when
 compiling (KFP takes no run-time value there): ``DIGILUT_EXTRACT_PARALLELISM`` and
 ``DIGILUT_TRAIN_PARALLELISM`` (0 = unbounded).
 
@@ -30,6 +31,7 @@ from digilut.labels import LabelConfig
 from digilut.predict import PredictConfig
 from digilut.split import SplitConfig
 from digilut.train_config import TrainConfig
+from pipelines.params import config_args
 
 EXTRACT_PARALLELISM = int(os.environ.get("DIGILUT_EXTRACT_PARALLELISM", "8"))
 TRAIN_PARALLELISM = int(os.environ.get("DIGILUT_TRAIN_PARALLELISM", "0"))
@@ -137,14 +139,14 @@ def training(
     stain_scale: float = TRAIN_DEFAULTS.stain_scale,
     stain_shift: float = TRAIN_DEFAULTS.stain_shift,
     epochs: int = TRAIN_DEFAULTS.epochs,
-    train_batch_size: int = TRAIN_DEFAULTS.batch_size,
+    train_batch_size: int = TRAIN_DEFAULTS.train_batch_size,
     lr: float = TRAIN_DEFAULTS.lr,
     patches_per_epoch: int = TRAIN_DEFAULTS.patches_per_epoch,
     max_val_patches: int = TRAIN_DEFAULTS.max_val_patches,
     checkpoint_uri: str = "",
     shards_uri: str = "",
     cpu_threads: int = TRAIN_DEFAULTS.cpu_threads,
-    predict_batch_size: int = PREDICT_DEFAULTS.batch_size,
+    predict_batch_size: int = PREDICT_DEFAULTS.predict_batch_size,
     boxes_method: str = BOXES_DEFAULTS.method,
     tune_boxes: bool = True,
     seed: int = SPLIT_DEFAULTS.seed,
@@ -159,7 +161,7 @@ def training(
     checkpoints so that re-running a failed or half-finished pipeline resumes its folds ("" = none);
     ``shards_uri``: the shard store, a folder or ``s3://`` prefix where extraction puts the patch shards
     that training and prediction read by ranged GET ("" = ``<data_uri>/digilut-shards``)."""
-    run_params = dict(locals())  # every parameter above, logged on the MLflow parent run
+    run_params = dict(locals())  # every parameter above: logged on the MLflow parent run, passed on by name
     ing = ingest_source(data_uri, slides_per_batch, require_boxes=True)
     tracking = use_s3_and_tracking(
         start_tracking(
@@ -171,60 +173,31 @@ def training(
         )
     )
     tracking.set_caching_options(False)
-    mg = extract_and_merge(
-        ing,
-        data_uri,
-        patch_px=patch_px,
-        target_mpp=target_mpp,
-        stride_px=stride_px,
-        min_tissue_fraction=min_tissue_fraction,
-        tissue_threshold=tissue_threshold,
-        shards_uri=shards_uri,
-    )
+    mg = extract_and_merge(ing, data_uri, shards_uri=shards_uri, **config_args(extract, run_params))
     lb = label(
         patches=mg.outputs["patches"],
         annotations=ing.outputs["annotations"],
-        label_mode=label_mode,
-        label_min_overlap=label_min_overlap,
+        **config_args(label, run_params),
     )
     non_root(lb).set_caching_options(True)
-    sp = split_patients(
-        labels=lb.outputs["labels"],
-        test_fraction=test_fraction,
-        folds=folds,
-        neg_per_pos=neg_per_pos,
-        seed=seed,
-    )
+    sp = split_patients(labels=lb.outputs["labels"], **config_args(split_patients, run_params))
     non_root(sp).set_caching_options(True)
     with dsl.ParallelFor(sp.outputs["Output"], parallelism=TRAIN_PARALLELISM) as fold:
         tr = train_fold(
             patches=mg.outputs["patches"],
             split=sp.outputs["split"],
             fold=fold,
-            arch=arch,
-            loss=loss,
-            input_px=input_px,
-            epochs=epochs,
-            batch_size=train_batch_size,
-            lr=lr,
-            seed=seed,
             experiment=experiment,
             tracking_run=tracking.outputs["tracking"],
-            patches_per_epoch=patches_per_epoch,
-            max_val_patches=max_val_patches,
             checkpoint_uri=checkpoint_uri,
-            cpu_threads=cpu_threads,
-            weights=weights,
-            stain_norm=stain_norm,
-            stain_scale=stain_scale,
-            stain_shift=stain_shift,
+            **config_args(train_fold, run_params),
         )
         with_scratch(on_gpu(use_s3_and_tracking(tr)), TRAIN_SCRATCH).set_caching_options(False)
     pr = predict(
         patches=mg.outputs["patches"],
         split=sp.outputs["split"],
         models=dsl.Collected(tr.outputs["model"]),
-        batch_size=predict_batch_size,
+        **config_args(predict, run_params),
     )
     on_gpu(use_s3_and_tracking(pr), cpu="8", memory="32Gi").set_caching_options(False)  # S3: shards
     ev = evaluate(
@@ -232,11 +205,11 @@ def training(
         models=dsl.Collected(tr.outputs["model"]),
         annotations=ing.outputs["annotations"],
         thumbnails=mg.outputs["thumbnails"],
-        boxes_method=boxes_method,
         tune_boxes=tune_boxes,
         tracking_run=tracking.outputs["tracking"],
         experiment=experiment,
         results_uri=results_uri,
         register_model=register_model,
+        **config_args(evaluate, run_params),
     )
     use_s3_and_tracking(ev).set_caching_options(False)

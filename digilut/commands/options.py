@@ -45,6 +45,9 @@ def config_options(
                 default = typer.Option(f.default, help=text)
                 extra.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                                annotation=annotation))  # fmt: skip
+        unknown = sorted(set(help) - {p.name for p in extra})
+        if unknown:  # e.g. a field renamed but not its help text
+            raise TypeError(f"{func.__name__}: help for {', '.join(unknown)}, which no config has as a field")
         func.__signature__ = sig.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
         return func
 

@@ -12,7 +12,7 @@ import typer
 from digilut.errors import DigilutError
 
 if TYPE_CHECKING:
-    from digilut.ops.services import Service
+    from digilut.ops.process import Service
     from digilut.s3config import S3Config
 
 STATE_DIR = Path(".digilut-services")
@@ -61,14 +61,9 @@ def services_up(
     """
     import os
 
-    from digilut.ops.services import (
-        read_env_file,
-        running_saved,
-        save_state,
-        start_mlflow,
-        start_s3,
-        write_env_file,
-    )
+    from digilut.ops.mlflow_server import start_mlflow
+    from digilut.ops.s3_server import start_s3
+    from digilut.ops.services import read_env_file, running_saved, save_state, write_env_file
 
     state_dir = state_dir.resolve()
     env_file, state_file = state_dir / "s3.env", state_dir / "services.json"

@@ -32,7 +32,7 @@ _TRAIN_HELP = {
     "focal_alpha": "Focal loss positive-class weight (-1 = none).",
     "epochs": "Maximum epochs.",
     "patience": "Early stopping: epochs without a better validation AUROC.",
-    "batch_size": "Patches per training step.",
+    "train_batch_size": "Patches per training step.",
     "lr": "AdamW peak learning rate.",
     "weight_decay": "AdamW weight decay.",
     "schedule": "cosine (per step, 5% warm-up) | plateau (halve the LR on a flat validation AUROC).",
@@ -54,7 +54,7 @@ _TRAIN_HELP = {
     "log_every_steps": "TensorBoard step-loss interval.",
 }
 _PREDICT_HELP = {
-    "batch_size": "Patches per inference batch.",
+    "predict_batch_size": "Patches per inference batch.",
     "num_workers": "DataLoader worker processes.",
     "amp": "bf16 autocast on CUDA.",
     "channels_last": "channels-last memory format on CUDA.",

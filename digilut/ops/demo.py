@@ -49,7 +49,9 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo in ``work`` (data, servers' state, run outputs); see the module docstring."""
     from digilut.errors import ConfigError
-    from digilut.ops.services import running_saved, save_state, start_mlflow, start_s3, write_env_file
+    from digilut.ops.mlflow_server import start_mlflow
+    from digilut.ops.s3_server import start_s3
+    from digilut.ops.services import running_saved, save_state, write_env_file
     from digilut.storage import upload_dir
     from digilut.synth import synth_dataset
     from digilut.synth_plan import SynthConfig

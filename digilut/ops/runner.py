@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from digilut.errors import DigilutError
+from digilut.ops.process import stop_group
 from digilut.ops.profiles import profile_params
-from digilut.ops.services import stop_group
 
 log = logging.getLogger(__name__)
 _ANSI = r"(?:\x1b\[[0-9;]*m)*"  # kfp.local colours task names and statuses

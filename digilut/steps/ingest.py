@@ -21,14 +21,19 @@ def list_source_step(data_uri: str) -> dict[str, Any]:
 
 
 def ingest_step(
-    data_uri: str, source: dict[str, Any], annotations: Path, *, batch_size: int, require_boxes: bool = True
+    data_uri: str,
+    source: dict[str, Any],
+    annotations: Path,
+    *,
+    slides_per_batch: int,
+    require_boxes: bool = True,
 ) -> list[list[dict[str, Any]]]:
     """Validate the data source as listed in ``source``; return the slide batches for extraction, each
     slide as ``{"name", "size", "etag"}``."""
     result = ingest_data(
         data_uri,
         annotations,
-        batch_size=batch_size,
+        batch_size=slides_per_batch,
         require_boxes=require_boxes,
         listing=SourceListing.from_dict(source),
     )

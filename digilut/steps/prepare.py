@@ -52,7 +52,7 @@ def prepare_step(
     problems: list[str] = []
     list_slides(data / "images", problems=problems)  # the file names the listing skipped, for the report
     n = max(1, len(listing["slides"]))
-    batches = ingest_step(data_uri, listing, out / "annotations", batch_size=n, require_boxes=False)
+    batches = ingest_step(data_uri, listing, out / "annotations", slides_per_batch=n, require_boxes=False)
     problems += json.loads((out / "annotations" / INGEST_NAME).read_text())["problems"]
     slides = [SourceObject.from_dict(s) for batch in batches for s in batch]
     log.info("prepare: %d slides in %s -> %s (%s)", len(slides), data / "images", out, cfg)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from digilut.ops.services import MlflowServer, S3Server, group_pids, start_mlflow, start_s3
+from digilut.ops.mlflow_server import MlflowServer, start_mlflow
+from digilut.ops.process import group_pids
+from digilut.ops.s3_server import S3Server, start_s3
 from digilut.s3config import S3Config
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from listening import listening_addresses
 
-from digilut.ops.services import MlflowServer, S3Server, group_pids
+from digilut.ops.mlflow_server import MlflowServer
+from digilut.ops.process import group_pids
+from digilut.ops.s3_server import S3Server
 from digilut.storage import list_keys
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from digilut.errors import StorageError
-from digilut.ops.services import S3Server
+from digilut.ops.s3_server import S3Server
 from digilut.storage import abort_incomplete_uploads, download_file, s3_client, upload_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -15,7 +15,8 @@ import pytest
 from listening import listening_addresses
 
 from digilut.errors import StorageError
-from digilut.ops.services import S3Server, free_ports
+from digilut.ops.process import free_ports
+from digilut.ops.s3_server import S3Server
 from digilut.s3config import S3Config
 from digilut.storage import (
     check_bucket,
@@ -221,7 +222,8 @@ def test_s3_env_reaches_the_server_through_from_env(s3_env, s3_prefix, tmp_path)
 
 
 def test_stop_leaves_no_process_and_no_port(tmp_path):
-    from digilut.ops.services import group_pids, start_s3
+    from digilut.ops.process import group_pids
+    from digilut.ops.s3_server import start_s3
 
     server = start_s3(tmp_path / "s3")
     pgid = server.pid

@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 FOLD = TrainConfig(
     input_px=32,
     epochs=2,
-    batch_size=8,
+    train_batch_size=8,
     patches_per_epoch=32,
     max_val_patches=24,
     num_workers=2,  # reads happen in DataLoader worker processes, each with its own S3 client
@@ -60,7 +60,7 @@ def patch_set(s3_server, tmp_path_factory):
     synth_dataset(data, SynthConfig(patients=5, seed=3, size="tiny", positive_fraction=0.6))
     store = f"s3://{s3_server.config().bucket}/tests/shard-ranges/shards"
     art = {name: tmp / name for name in ("annotations", "patches", "thumbs", "labels", "split")}
-    batches = ingest_step(str(data), list_source_step(str(data)), art["annotations"], batch_size=4)
+    batches = ingest_step(str(data), list_source_step(str(data)), art["annotations"], slides_per_batch=4)
     extracted = [tmp / f"extracted{k}" for k in range(len(batches))]
     for batch, out in zip(batches, extracted, strict=True):
         slides = [SourceObject.from_dict(s) for s in batch]
@@ -97,14 +97,14 @@ def test_a_fold_fetches_the_bytes_of_the_patches_it_samples_not_the_dataset(patc
     objects = list_objects(cfg, "tests/shard-ranges/shards/")
     dataset_bytes = sum(o.size for o in objects)
     data = fold_rows(read_manifest(art["split"] / MANIFEST_NAME), 0, FOLD)
-    steps = FOLD.patches_per_epoch // FOLD.batch_size
+    steps = FOLD.patches_per_epoch // FOLD.train_batch_size
     drawn: list[int] = []  # the training rows the sampler drew, as train_fold draws them
     labels = data.train["label"].to_numpy(np.float32)
     for epoch in range(FOLD.epochs):
         sampler = make_sampler(
             labels, FOLD.sampler, num_samples=FOLD.patches_per_epoch, seed=FOLD.seed, epoch=epoch
         )
-        drawn += list(sampler)[: steps * FOLD.batch_size]
+        drawn += list(sampler)[: steps * FOLD.train_batch_size]
     nbytes = data.train["nbytes"].to_numpy()
     sampled = int(nbytes[sorted(set(drawn))].sum()) + int(data.val["nbytes"].sum())
     every_draw = int(nbytes[drawn].sum()) + int(data.val["nbytes"].sum())

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from digilut.ops.services import HOST, S3Server, Service, free_ports
+from digilut.ops.process import HOST, Service, free_ports
+from digilut.ops.s3_server import S3Server
 from digilut.s3config import S3Config
 from digilut.storage import list_objects
 from digilut.tracking import Tracker, TrackingConfig
@@ -27,7 +28,7 @@ from tests.unit.patch_fixtures import make_patch_manifest
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 TINY = TrainConfig(
-    input_px=64, epochs=2, batch_size=16, num_workers=0, weights="none", hidden_units=32, lr=1e-3
+    input_px=64, epochs=2, train_batch_size=16, num_workers=0, weights="none", hidden_units=32, lr=1e-3
 )
 
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from digilut.model import ModelSpec, build_model, load_model, save_model
-from digilut.ops.services import MlflowServer, S3Server, free_ports, start_mlflow
+from digilut.ops.mlflow_server import MlflowServer, start_mlflow
+from digilut.ops.process import free_ports
+from digilut.ops.s3_server import S3Server
 from digilut.registry import log_model
 from digilut.tracking import PARENT_TAG, Tracker, TrackingConfig
 

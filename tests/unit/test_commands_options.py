@@ -47,6 +47,13 @@ def test_an_option_that_is_also_a_config_field_is_refused() -> None:
         config_options(SplitConfig)(command)
 
 
+def test_help_for_an_option_no_config_has_is_refused() -> None:
+    def command(**options: object) -> None: ...
+
+    with pytest.raises(TypeError, match="help for batch_size, which no config has"):
+        config_options(PredictConfig, help={"batch_size": "renamed to predict_batch_size"})(command)
+
+
 def test_prepare_and_split_on_folders(tiny_data: Path, tiny_prepared, tmp_path: Path) -> None:
     runner = CliRunner()
     data, out = tmp_path / "data", tmp_path / "out"

@@ -18,8 +18,8 @@ from digilut.score import GIOU_THRESHOLD, giou_matrix
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU models: one thread is faster
 
 
-TINY = ["--input-px", "64", "--epochs", "1", "--batch-size", "16", "--num-workers", "0", "--weights", "none",
-        "--hidden-units", "16", "--lr", "0.001"]  # fmt: skip
+TINY = ["--input-px", "64", "--epochs", "1", "--train-batch-size", "16", "--num-workers", "0",
+        "--weights", "none", "--hidden-units", "16", "--lr", "0.001"]  # fmt: skip
 
 
 def _truth_csv(manifest: Path, out: Path) -> Path:

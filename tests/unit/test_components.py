@@ -153,15 +153,15 @@ def model_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         model = _art(dsl.Model, tmp, f"model{k}")
         metrics = _art(dsl.Metrics, tmp, f"metrics{k}")
         training.train_fold.python_func(
-            patches=src, split=src, fold=k, arch="resnet18", loss="bce", input_px=64, epochs=1, batch_size=16,
-            lr=1e-3, seed=0, experiment="digilut", tracking_run=run, model=model,
+            patches=src, split=src, fold=k, arch="resnet18", loss="bce", input_px=64, epochs=1,
+            train_batch_size=16, lr=1e-3, seed=0, experiment="digilut", tracking_run=run, model=model,
             tensorboard=_art(dsl.Artifact, tmp, f"tb{k}"), metrics=metrics, weights="none",
         )  # fmt: skip
         out["models"].append(model)
         out[f"metrics{k}"] = metrics
     out["predictions"] = _art(dsl.Dataset, tmp, "predictions")
     training.predict.python_func(
-        patches=src, split=src, models=out["models"], batch_size=32, predictions=out["predictions"]
+        patches=src, split=src, models=out["models"], predict_batch_size=32, predictions=out["predictions"]
     )
     out["results"] = _art(dsl.Dataset, tmp, "results")
     out["eval_metrics"] = _art(dsl.Metrics, tmp, "eval_metrics")
@@ -214,7 +214,9 @@ def test_inference_components_fetch_predict_and_submit(model_run) -> None:
     assert models.metadata == {"models": 2, "source": str(Path(model_run["results"].path) / "models")}
     preds = _art(dsl.Dataset, tmp, "all_predictions")
     patches_art = _art(dsl.Dataset, tmp, "patches")
-    inference.predict_all.python_func(patches=patches_art, models=models, batch_size=32, predictions=preds)
+    inference.predict_all.python_func(
+        patches=patches_art, models=models, predict_batch_size=32, predictions=preds
+    )
     assert preds.metadata == {"patches": len(read_manifest(model_run["manifest"]))}
     data = tmp / "new_data"
     data.mkdir()

@@ -94,7 +94,7 @@ def test_cpu_training_caps_torch_threads_at_the_available_cpus(tmp_path: Path) -
 
     manifest = make_patch_manifest(tmp_path / "data", patients=3, grid=3, px=32, folds=2)
     cfg = TrainConfig(
-        input_px=32, epochs=1, batch_size=8, num_workers=0, weights="none", hidden_units=8,
+        input_px=32, epochs=1, train_batch_size=8, num_workers=0, weights="none", hidden_units=8,
         patches_per_epoch=8, max_val_patches=8,
     )  # fmt: skip
     before, n = torch.get_num_threads(), available_cpus()

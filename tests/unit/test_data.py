@@ -10,21 +10,12 @@ import pytest
 import torch
 from patch_fixtures import make_patch_manifest
 
-from digilut.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ColourAugment,
-    PatchDataset,
-    class_balanced_weights,
-    colour_augment,
-    dihedral,
-    make_loader,
-    make_sampler,
-    to_model_input,
-)
+from digilut.data import PatchDataset, class_balanced_weights, dihedral, make_loader, make_sampler
 from digilut.errors import ConfigError, ShardError
 from digilut.manifest import read_manifest, read_patch, write_manifest
 from digilut.shards import encode_jpeg, write_shard
+from digilut.train_config import ColourAugment
+from digilut.transforms import IMAGENET_MEAN, IMAGENET_STD, colour_augment, to_model_input
 
 
 @pytest.fixture(scope="module")

@@ -20,17 +20,17 @@ import yaml
 from patch_fixtures import make_patch_manifest
 
 from digilut import k8s
-from digilut.data import to_model_input
 from digilut.epoch import training_loss
 from digilut.manifest import read_manifest
 from digilut.model import build_model, gpu_required, load_model, select_device
 from digilut.predict import PredictConfig, amp_dtype, predict_patches, safe_auroc
 from digilut.train import TrainConfig, train_fold
+from digilut.transforms import to_model_input
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 TINY = TrainConfig(
-    input_px=64, epochs=2, batch_size=16, num_workers=0, weights="none", hidden_units=32, lr=1e-3
+    input_px=64, epochs=2, train_batch_size=16, num_workers=0, weights="none", hidden_units=32, lr=1e-3
 )
 
 
@@ -85,7 +85,7 @@ def test_gpu_flag_unset_or_off_trains_on_the_cpu(manifest: Path, tmp_path: Path)
         "from digilut.tracking import TrackingConfig\n"
         "from digilut.train_config import TrainConfig\n"
         "m = Path(sys.argv[1])\n"
-        "cfg = TrainConfig(input_px=64, epochs=1, batch_size=16, num_workers=0, weights='none',\n"
+        "cfg = TrainConfig(input_px=64, epochs=1, train_batch_size=16, num_workers=0, weights='none',\n"
         "                  hidden_units=32, patches_per_epoch=32, cpu_threads=1)\n"
         "r = train_step(m.parent, m.parent, 0, Path(sys.argv[2]), cfg, TrackingConfig())\n"
         "print('device', r.device, 'epochs', r.epochs_run)\n"
@@ -169,9 +169,10 @@ def test_ensemble_on_cuda_matches_the_cpu(manifest: Path, tmp_path: Path) -> Non
     results = [train_fold(manifest, k, tmp_path / f"fold{k}", TINY, dev) for k in (0, 1)]
     files = [tmp_path / f"fold{r.fold}" / r.model_file for r in results]
     rows = read_manifest(manifest)
-    cpu = predict_patches(rows, manifest.parent, files, PredictConfig(batch_size=64, num_workers=0), CPU)
+    pcfg = PredictConfig(predict_batch_size=64, num_workers=0)
+    cpu = predict_patches(rows, manifest.parent, files, pcfg, CPU)
     for amp, tol in ((False, 1e-3), (True, 0.01)):
-        cfg = PredictConfig(batch_size=64, num_workers=1, amp=amp, channels_last=amp)
+        cfg = PredictConfig(predict_batch_size=64, num_workers=1, amp=amp, channels_last=amp)
         cuda = predict_patches(rows, manifest.parent, files, cfg, dev)
         assert list(cuda["offset"]) == list(cpu["offset"])
         diff = (cuda["prob"] - cpu["prob"]).abs()

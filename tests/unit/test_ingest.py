@@ -65,10 +65,10 @@ def test_the_listing_is_a_value_kfp_accepts_as_a_parameter(source, with_csv):
 
 
 def test_a_slide_replaced_under_the_same_name_changes_only_its_batch(source, tmp_path):
-    before = ingest_step(str(source), list_source_step(str(source)), tmp_path / "ann1", batch_size=2)
+    before = ingest_step(str(source), list_source_step(str(source)), tmp_path / "ann1", slides_per_batch=2)
     assert [[s["name"] for s in b] for b in before] == [["a_a.tif", "a_b.tif"], ["b_a.tif"]]
     replace(source / "images" / "b_a.tif", b"x" * 70)
-    after = ingest_step(str(source), list_source_step(str(source)), tmp_path / "ann2", batch_size=2)
+    after = ingest_step(str(source), list_source_step(str(source)), tmp_path / "ann2", slides_per_batch=2)
     assert after[0] == before[0]  # patient a's batch: the same value, so extract hits the cache
     assert after[1] != before[1] and after[1][0]["etag"] != before[1][0]["etag"]  # b's: a miss
     assert after[1][0]["size"] == before[1][0]["size"]

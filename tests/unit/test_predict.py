@@ -43,7 +43,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
 def test_ensemble_is_the_mean_of_its_models(setup: tuple[Path, list[Path]]) -> None:
     manifest, paths = setup
     rows = read_manifest(manifest)
-    both = predict_patches(rows, manifest.parent, paths, PredictConfig(batch_size=5, num_workers=0), CPU)
+    pcfg = PredictConfig(predict_batch_size=5, num_workers=0)
+    both = predict_patches(rows, manifest.parent, paths, pcfg, CPU)
     singles = [predict_patches(rows, manifest.parent, [p], PredictConfig(num_workers=0), CPU) for p in paths]
     np.testing.assert_allclose(both["prob"], (singles[0]["prob"] + singles[1]["prob"]) / 2, rtol=1e-5)
     assert list(both.columns) == [*rows.columns, "prob"] and len(both) == len(rows)
@@ -64,8 +65,9 @@ def test_predict_batch_matches_a_manual_forward(setup: tuple[Path, list[Path]]) 
 def test_workers_do_not_change_predictions(setup: tuple[Path, list[Path]]) -> None:
     manifest, paths = setup
     rows = read_manifest(manifest)
-    a = predict_patches(rows, manifest.parent, paths[:1], PredictConfig(batch_size=4, num_workers=0), CPU)
-    b = predict_patches(rows, manifest.parent, paths[:1], PredictConfig(batch_size=4, num_workers=2), CPU)
+    one, two = (PredictConfig(predict_batch_size=4, num_workers=n) for n in (0, 2))
+    a = predict_patches(rows, manifest.parent, paths[:1], one, CPU)
+    b = predict_patches(rows, manifest.parent, paths[:1], two, CPU)
     np.testing.assert_array_equal(a["prob"], b["prob"])
 
 
@@ -78,8 +80,8 @@ def test_no_rows_give_an_empty_prob_column(setup: tuple[Path, list[Path]]) -> No
 def test_an_ensemble_needs_models() -> None:
     with pytest.raises(ConfigError, match="at least one model"):
         Ensemble([], CPU)
-    with pytest.raises(ConfigError, match="batch_size=0"):
-        PredictConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="predict_batch_size=0"):
+        PredictConfig(predict_batch_size=0)
 
 
 def test_patch_metrics_by_hand() -> None:

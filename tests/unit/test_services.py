@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from digilut.errors import ServiceError
-from digilut.ops.services import Service, find_weed, free_ports, group_pids
+from digilut.ops.process import Service, free_ports, group_pids
+from digilut.ops.s3_server import find_weed
 
 # A leader that forks a child which ignores SIGTERM, as server workers sometimes do.
 _FAMILY = """
@@ -130,3 +131,14 @@ def test_saved_state_stops_a_group_left_running_but_not_a_reused_pid(tmp_path: P
     save_state(state, [svc])
     assert stop_saved(state, timeout_s=0.5) == ["service"]
     assert group_pids(svc.pid) == [] and not state.exists()
+
+
+def test_each_server_records_the_address_clients_use(tmp_path: Path):
+    from digilut.ops.mlflow_server import MlflowServer
+    from digilut.ops.s3_server import S3Server
+    from digilut.s3config import S3Config
+
+    s3 = S3Server(tmp_path, {"s3": 9001}, "digilut", "key", "secret-key")
+    mlflow = MlflowServer(tmp_path, S3Config(None, "digilut"), "s3://digilut/mlflow", 9002)
+    assert (s3.address, mlflow.address) == ("http://127.0.0.1:9001", "http://127.0.0.1:9002")
+    assert Service(tmp_path / "log").address == ""

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU models: one
 
 CPU = torch.device("cpu")
 TINY = TrainConfig(
-    input_px=64, epochs=2, batch_size=16, num_workers=0, weights="none", hidden_units=32, lr=1e-3
+    input_px=64, epochs=2, train_batch_size=16, num_workers=0, weights="none", hidden_units=32, lr=1e-3
 )
 
 
