@@ -12,7 +12,7 @@ clusters as correlated false positives (0.3–0.7 of a lesion's level) and per-p
 The box step is tuned on the first half of the slides (as on out-of-fold predictions) and scored
 on the other half, where the held-out mean F2 must stay above :data:`F2_FLOOR` (measured, with
 margin). With the threshold inverted in :func:`digilut.box_candidates.hysteresis_labels` it falls
-below the floor (measured in the report of issue 12's quality round).
+to 0.042 (measured) and fails.
 """
 
 from __future__ import annotations
