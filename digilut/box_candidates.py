@@ -203,7 +203,7 @@ def fit_window(
     hm: Heatmap, box: tuple[float, float, float, float], explained: np.ndarray | None, cfg: BoxSettings
 ) -> PatchWindow:
     """The patches around ``box`` for the model fit, with ``cfg``'s miss weight and size prior."""
-    win = patch_window(
+    return patch_window(
         hm,
         box,
         cfg.label_min_overlap,
@@ -211,7 +211,6 @@ def fit_window(
         explained=explained,
         prior_weight=cfg.size_prior_weight,
     )
-    return win
 
 
 def refined_box(
