@@ -422,9 +422,20 @@ def main(out: Path) -> None:
 REALISTIC_GOAL_GAP = 0.10  # the box step on a classifier-like heatmap: within this of the perfect-label F2
 
 
+# The box step's settings compared on classifier-like heatmaps: thresholds absolute, relative to the
+# slide or to a local window; and relative to the slide with the size prior from the real box sizes,
+# fitted fill boxes and miss weight 1 (soft edges: a rim patch at 0.35 no longer pays for growth).
+REALISTIC_CONFIGS = {
+    "none": BoxesConfig(background="none"),
+    "slide": BoxesConfig(background="slide"),
+    "local": BoxesConfig(background="local"),
+    "slide+prior": BoxesConfig(fit_fills=True, size_prior_weight=1.0, fit_miss_weight=1.0),
+}
+
+
 def realistic_table(slides: int | None = None) -> pd.DataFrame:
-    """Mean F2 of the box step (defaults; thresholds absolute vs relative to the slide's background)
-    on each :data:`CLASSIFIERS` heatmap of the real-gap layout, the first ``slides`` slides (all:
+    """Mean F2 of the box step (each of :data:`REALISTIC_CONFIGS`) on each :data:`CLASSIFIERS`
+    heatmap of the real-gap layout, the first ``slides`` slides (all:
     None), next to the perfect-label bound."""
     rows = []
     for clf in CLASSIFIERS:
@@ -432,9 +443,9 @@ def realistic_table(slides: int | None = None) -> pd.DataFrame:
         if slides is not None:
             names = sorted(truth["filename"].unique())[:slides]
             patches, truth = patches[patches["slide"].isin(names)], truth[truth["filename"].isin(names)]
-        for background in ("none", "slide", "local"):
+        for background, cfg in REALISTIC_CONFIGS.items():
             t0 = time.perf_counter()
-            res = evaluate(patches, truth, BoxesConfig(background=background))
+            res = evaluate(patches, truth, cfg)
             rows.append(
                 {"classifier": clf.name, "background": background, **res, "s": time.perf_counter() - t0}
             )
@@ -442,17 +453,19 @@ def realistic_table(slides: int | None = None) -> pd.DataFrame:
 
 
 def _print_realistic(table: pd.DataFrame) -> None:
-    print("\nclassifier-like heatmaps (real gaps, overlap grid, BoxesConfig defaults but background):")
+    print("\nclassifier-like heatmaps (real gaps, overlap grid; settings: REALISTIC_CONFIGS):")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     bound = float(table.loc[table["classifier"] == "perfect labels", "mean_f2"].max())
-    for name in ("miscalibrated", "miscalibrated + blobs"):
-        got = float(
-            table.loc[(table["classifier"] == name) & (table["background"] == "slide"), "mean_f2"].iloc[0]
-        )
-        verdict = "PASS" if bound - got <= REALISTIC_GOAL_GAP else "FAIL"
-        print(
-            f"goal {name}: F2 {got:.3f} within {REALISTIC_GOAL_GAP} of perfect labels {bound:.3f} → {verdict}"
-        )
+    for name in ("miscalibrated", "correlated FP blobs", "miscalibrated + blobs"):
+        for setting in ("slide", "slide+prior"):
+            got = float(
+                table.loc[(table["classifier"] == name) & (table["background"] == setting), "mean_f2"].iloc[0]
+            )
+            verdict = "PASS" if bound - got <= REALISTIC_GOAL_GAP else "FAIL"
+            print(
+                f"goal {name} ({setting}): F2 {got:.3f} within {REALISTIC_GOAL_GAP} of perfect labels "
+                f"{bound:.3f} → {verdict}"
+            )
 
 
 def _figures(out: Path, patches: pd.DataFrame, truth: pd.DataFrame, cfg: BoxesConfig, tag: str) -> None:

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 from scipy import ndimage
 
-from digilut.boxfit import likeliest_hit, patch_window, refine_box
+from digilut.boxfit import PatchWindow, likeliest_hit, patch_window, refine_box
 from digilut.heatmap import Heatmap
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class BoxSettings(Protocol):
     def alt_min_gain(self) -> float: ...
     @property
     def hit_max_side_px(self) -> float: ...
+    @property
+    def size_prior_weight(self) -> float: ...
     @property
     def dbscan_eps_cells(self) -> float: ...
     @property
@@ -197,6 +199,20 @@ def touching_patches(hm: Heatmap, cells: np.ndarray) -> np.ndarray:
     return out
 
 
+def fit_window(
+    hm: Heatmap, box: tuple[float, float, float, float], explained: np.ndarray | None, cfg: BoxSettings
+) -> PatchWindow:
+    """The patches around ``box`` for the model fit, with ``cfg``'s miss weight and size prior."""
+    return patch_window(
+        hm,
+        box,
+        cfg.label_min_overlap,
+        miss_weight=cfg.fit_miss_weight,
+        explained=explained,
+        prior_weight=cfg.size_prior_weight,
+    )
+
+
 def refined_box(
     hm: Heatmap,
     box: tuple[float, float, float, float],
@@ -205,7 +221,7 @@ def refined_box(
     *,
     hit: bool = False,
 ) -> tuple[float, float, float, float]:
-    win = patch_window(hm, box, cfg.label_min_overlap, miss_weight=cfg.fit_miss_weight, explained=explained)
+    win = fit_window(hm, box, explained, cfg)
     box = refine_box(win, box)
     if hit and (box[1] - box[0]) * (box[3] - box[2]) <= cfg.hit_max_side_px**2:
         box = likeliest_hit(win, box)
@@ -222,9 +238,7 @@ def _split_pays(
     parts[sl] = np.where(labels[sl] == i, split, parts[sl])
     whole = np.where(parts > 0, 1, parts)
     single = fit_box(hm, whole, 1, cfg.profile_fraction, sl)
-    win = patch_window(
-        hm, single, cfg.label_min_overlap, miss_weight=cfg.fit_miss_weight, explained=explained
-    )
+    win = fit_window(hm, single, explained, cfg)
     single = refine_box(win, single)
     boxes = []
     for j in range(1, int(split.max()) + 1):

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from digilut.box_candidates import BoxSettings, Candidate, fit_box, mass, touching_patches
-from digilut.boxfit import patch_window, refine_boxes
+from digilut.box_candidates import BoxSettings, Candidate, fit_box, fit_window, mass, touching_patches
+from digilut.boxfit import refine_boxes
 from digilut.heatmap import Heatmap
 from digilut.score import giou_matrix
 
@@ -51,7 +51,7 @@ def best_cut(
         return 0.0, []
     others = (parts != 0) & (parts != label)
     explained = touching_patches(hm, others)
-    win = patch_window(hm, box, cfg.label_min_overlap, miss_weight=cfg.fit_miss_weight, explained=explained)
+    win = fit_window(hm, box, explained, cfg)
     single = win.loss([box])
     rr, cc = np.mgrid[0:rows, 0:cols]
     background = np.where(others, -1, 0).astype(np.int32)

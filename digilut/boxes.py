@@ -86,6 +86,7 @@ class BoxesConfig:
     low: float = 0.5  # hysteresis: grow threshold on cells (≤ high)
     min_area_px2: float = 0.0  # candidates with a smaller area are dropped
     margin_px: float = 0.0  # added to every side of a box; negative shrinks
+    margin_fraction: float = 0.0  # added to every side: this share of the box's side (loose hand-drawn boxes)
     profile_fraction: float = 0.6  # hysteresis: box edges where row/column mass reaches this × max
     fit: Fit = "model"  # model: edges refined against the patch labels (boxfit); grid: as found
     label_min_overlap: float = 0.1  # the labeller's rule: positive from this share of box cover
@@ -95,6 +96,8 @@ class BoxesConfig:
     split_min_gain: float = 8.0  # hysteresis + model fit: a split must explain this many more patches
     alt_min_gain: float = 1.0  # hysteresis + model fit: spare boxes split a chosen box when that gains this
     hit_max_side_px: float = 1500.0  # model fit: boxes up to this √area move to their likeliest hit; 0: off
+    fit_fills: bool = False  # model fit: fill boxes are fitted to the patches around their peak too
+    size_prior_weight: float = 0.0  # model fit: cost (patches) of a box per squared log-sd off the real sizes
     fill_side_px: int = MEDIAN_LESION_SIDE_PX  # side of the boxes filling up to N
     dbscan_eps_cells: float = 1.5  # dbscan: neighbourhood radius in grid steps (1.5 = 8 neighbours)
     dbscan_min_samples: int = 2  # dbscan: core points need this many patches within eps (self included)
@@ -130,6 +133,14 @@ class BoxesConfig:
             raise ConfigError(f"split_saddle_ratio={self.split_saddle_ratio} must be in [0, 1); 0 disables")
         if self.hit_max_side_px < 0:
             raise ConfigError(f"hit_max_side_px={self.hit_max_side_px} must be ≥ 0 level-0 px (0 = off)")
+        if not -0.25 <= self.margin_fraction <= 1.0:
+            raise ConfigError(
+                f"margin_fraction={self.margin_fraction} must be in [-0.25, 1] (share of the side)"
+            )
+        if self.size_prior_weight < 0:
+            raise ConfigError(
+                f"size_prior_weight={self.size_prior_weight} must be ≥ 0 patches (0 = no prior)"
+            )
         if self.alt_min_gain < 0:
             raise ConfigError(f"alt_min_gain={self.alt_min_gain} must be ≥ 0 patches")
         if self.split_min_gain < 0 or self.fit_miss_weight <= 0:
@@ -210,10 +221,15 @@ def heatmap_to_boxes(hm: Heatmap, n: int | None, cfg: BoxesConfig | None = None)
         ]
     if n is not None and len(cands) < n and parts is not None and cfg.fit == "model":
         cands += alternatives(hm, parts, cands, n - len(cands), cfg)
-    m = cfg.margin_px
-    cands = [replace(c, box=(c.box[0] - m, c.box[1] + m, c.box[2] - m, c.box[3] + m)) for c in cands]
+    cands = [replace(c, box=_with_margin(c.box, cfg)) for c in cands]
     if n is not None and len(cands) < n:
-        cands += fill_candidates(hm, [c.box for c in cands], n - len(cands), cfg.fill_side_px)
+        fills = fill_candidates(hm, [c.box for c in cands], n - len(cands), cfg.fill_side_px)
+        if cfg.fit == "model" and cfg.fit_fills:
+            fills = [
+                replace(c, box=refined_box(hm, c.box, None, cfg, hit=True)) if c.mass > 0 else c
+                for c in fills
+            ]
+        cands += fills
     rows = []
     for rank, c in enumerate(cands, start=1):
         x1, x2, y1, y2 = (round(v) for v in c.box)
@@ -221,6 +237,15 @@ def heatmap_to_boxes(hm: Heatmap, n: int | None, cfg: BoxesConfig | None = None)
         rows.append((hm.slide, x1, max(x2, x1 + 1), y1, max(y2, y1 + 1), c.mass, rank, c.source))
     log.debug("%s: %d box(es) (%s)", hm.slide, len(rows), cfg.method)
     return boxes_frame(rows)
+
+
+def _with_margin(
+    box: tuple[float, float, float, float], cfg: BoxesConfig
+) -> tuple[float, float, float, float]:
+    """``box`` grown on every side by ``margin_px`` plus ``margin_fraction`` of its width (height)."""
+    mx = cfg.margin_px + cfg.margin_fraction * (box[1] - box[0])
+    my = cfg.margin_px + cfg.margin_fraction * (box[3] - box[2])
+    return (box[0] - mx, box[1] + mx, box[2] - my, box[3] + my)
 
 
 def boxes_frame(rows: Iterable[tuple[object, ...]]) -> pd.DataFrame:

@@ -243,6 +243,8 @@ def test_profile_fit_ignores_a_stray_rim_cell():
         ({"dbscan_min_samples": 0}, "dbscan_min_samples=0"),
         ({"fuse_min_neighbours": 9}, "fuse_min_neighbours=9"),
         ({"label_min_overlap": 0.0}, "label_min_overlap=0.0"),
+        ({"size_prior_weight": -1.0}, "size_prior_weight=-1.0"),
+        ({"margin_fraction": 2.0}, "margin_fraction=2.0"),
     ],
 )
 def test_config_errors_name_the_value(kwargs, message):
@@ -317,3 +319,31 @@ def test_relative_heatmap_leaves_perfect_labels_alone_and_rescales_a_shifted_one
     shifted = build_heatmap(oracle_patches([LESION]).assign(prob=lambda d: 0.4 + 0.5 * d["prob"]))
     np.testing.assert_allclose(relative_heatmap(shifted, "slide").prob, hm.prob, atol=1e-6)
     assert relative_heatmap(shifted, "none") is shifted
+
+
+def test_margin_fraction_grows_each_side_by_that_share_of_the_box():
+    hm = build_heatmap(oracle_patches([LESION]))
+    tight = heatmap_to_boxes(hm, 1).iloc[0]
+    loose = heatmap_to_boxes(hm, 1, BoxesConfig(margin_fraction=0.15)).iloc[0]
+    w, h = tight.x2 - tight.x1, tight.y2 - tight.y1
+    assert loose.x2 - loose.x1 == pytest.approx(1.3 * w, abs=2)
+    assert loose.y2 - loose.y1 == pytest.approx(1.3 * h, abs=2)
+    assert (loose.x1 + loose.x2) / 2 == pytest.approx((tight.x1 + tight.x2) / 2, abs=1)
+
+
+def test_fitted_fill_box_hugs_a_weak_lesion_the_thresholds_missed():
+    """A weak lesion (0.6, below the seed threshold) gets a fill box; fitted, it is the lesion's box
+    (with the size prior), not a 943 px square around its peak."""
+    strong, weak = (1500, 2500, 1500, 2500), (5200, 5700, 5300, 5800)
+    patches = oracle_patches([strong, weak])
+    on_weak = oracle_patches([weak])["prob"].to_numpy() > 0
+    patches.loc[on_weak, "prob"] = 0.6
+    hm = build_heatmap(patches)
+    plain = heatmap_to_boxes(hm, 2)
+    fitted = heatmap_to_boxes(hm, 2, BoxesConfig(fit_fills=True, size_prior_weight=1.0))
+    assert list(plain["source"]) == list(fitted["source"]) == ["component", "fill"]
+    g = [
+        float(giou_matrix(b[["x1", "x2", "y1", "y2"]].to_numpy(float)[1:], np.array([weak], float))[0, 0])
+        for b in (plain, fitted)
+    ]
+    assert g[1] > 0.5 > g[0]

@@ -50,3 +50,25 @@ def test_an_empty_window_leaves_the_box_alone():
     hm = build_heatmap(oracle_patches([], width=2048, height=2048))
     far = (50_000.0, 51_000.0, 50_000.0, 51_000.0)
     assert refine_box(patch_window(hm, far, 0.1), far) == far
+
+
+def test_size_prior_keeps_a_box_from_growing_over_a_faint_rim():
+    """A lesion's positive patches at 1.0 with a ring of 0.35 around them (a classifier's soft edge):
+    with miss_weight 2 the ring pays for a box one cell larger each side; the size prior (real
+    DigiLut sizes, median 943 px) makes that growth cost more than it explains."""
+    from scipy import ndimage
+
+    lesion = (2560, 3560, 2560, 3560)  # 1000 px, near the real median
+    hm = build_heatmap(oracle_patches([lesion]))
+    positive = np.nan_to_num(hm.patch_prob) > 0.5
+    rim = ndimage.binary_dilation(positive, np.ones((3, 3), bool)) & ~positive & ~np.isnan(hm.patch_prob)
+    hm.patch_prob[rim] = 0.35
+    free = refine_box(patch_window(hm, lesion, 0.1, miss_weight=2.0), lesion)
+    held = refine_box(patch_window(hm, lesion, 0.1, miss_weight=2.0, prior_weight=20.0), lesion)
+    side = lambda b: np.sqrt((b[1] - b[0]) * (b[3] - b[2]))  # noqa: E731 - a one-line helper
+    assert side(free) > 1300  # grown over the rim
+    assert side(held) < side(free) - 200
+    assert abs(side(held) - 1000) < abs(side(free) - 1000)
+    win = patch_window(hm, lesion, 0.1, prior_weight=1.0)
+    assert win.size_cost(943.0, 943.0) == pytest.approx(0.0, abs=1e-9)
+    assert win.size_cost(3000.0, 3000.0) > win.size_cost(1500.0, 1500.0) > 0
