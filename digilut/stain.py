@@ -11,7 +11,7 @@ edge, so glass stays white whatever the slide's stain. The slide statistics are 
 ``stain_norm`` (:class:`ModelSpec`), so a model always sees its inputs normalised as in training.
 
 The arithmetic is batched torch on the device (:func:`reinhard_normalise`, called by
-:func:`digilut.data.to_model_input`); the fit reads a few dozen patches per slide.
+:func:`digilut.transforms.to_model_input`); the fit reads a few dozen patches per slide.
 """
 
 from __future__ import annotations
