@@ -68,7 +68,7 @@ class S3Config:
         """Settings from the environment; keyword ``overrides`` win over it.
 
         Endpoint: ``DIGILUT_S3_ENDPOINT``, else ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``,
-        ``MLFLOW_S3_ENDPOINT_URL``, else AWS S3. Bucket: ``DIGILUT_S3_BUCKET`` (default
+        ``MLFLOW_S3_ENDPOINT_URL``, else AWS S3. Bucket: ``DIGILUT_BUCKET`` (default
         ``digilut``). Region: ``AWS_DEFAULT_REGION`` (default ``us-east-1``). Keys:
         ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``.
         """
@@ -88,7 +88,7 @@ class S3Config:
         )
         values: dict[str, Any] = {
             "endpoint_url": endpoint,
-            "bucket": env.get("DIGILUT_S3_BUCKET") or _DEFAULT_BUCKET,
+            "bucket": env.get("DIGILUT_BUCKET") or _DEFAULT_BUCKET,
             "region": env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1",
             "access_key_id": env.get("AWS_ACCESS_KEY_ID") or None,
             "secret_access_key": env.get("AWS_SECRET_ACCESS_KEY") or None,
@@ -98,7 +98,7 @@ class S3Config:
 
     def to_env(self) -> dict[str, str]:
         """Environment variables that make :meth:`from_env`, boto3 and MLflow reach this bucket."""
-        env = {"DIGILUT_S3_BUCKET": self.bucket, "AWS_DEFAULT_REGION": self.region}
+        env = {"DIGILUT_BUCKET": self.bucket, "AWS_DEFAULT_REGION": self.region}
         if self.endpoint_url:
             env["DIGILUT_S3_ENDPOINT"] = env["MLFLOW_S3_ENDPOINT_URL"] = self.endpoint_url
         if self.access_key_id and self.secret_access_key:

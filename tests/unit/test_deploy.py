@@ -306,6 +306,20 @@ def test_runtime_env_is_consistent(rendered: tuple[str, list[dict[str, Any]]]) -
     assert all(s["spec"]["type"] == "ClusterIP" for s in objs if s["kind"] == "Service")
 
 
+def test_pods_read_the_bucket_and_endpoint_the_runtime_configmap_sets(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    """S3Config.from_env in a pod sees the ConfigMap's keys: its bucket and endpoint are the overlay's
+    (it read DIGILUT_S3_BUCKET while the ConfigMap sets DIGILUT_BUCKET, so pods fell back to "digilut")."""
+    from digilut.s3config import S3Config
+
+    _, objs = rendered
+    env = _find(objs, "ConfigMap", k8s.RUNTIME_CONFIGMAP)["data"]
+    cfg = S3Config.from_env(environ=env)
+    assert cfg.bucket == env["DIGILUT_BUCKET"]
+    assert cfg.endpoint_url == env["AWS_ENDPOINT_URL"]
+
+
 def test_mlflow_server_serves_artifacts_from_s3_with_allowed_hosts(
     rendered: tuple[str, list[dict[str, Any]]],
 ) -> None:

@@ -47,7 +47,7 @@ def test_from_env_reads_endpoint_bucket_region_keys_and_overrides_win():
     env = {
         "DIGILUT_S3_ENDPOINT": "http://minio:9000",
         "MLFLOW_S3_ENDPOINT_URL": "http://other:1",
-        "DIGILUT_S3_BUCKET": "slides",
+        "DIGILUT_BUCKET": "slides",
         "AWS_DEFAULT_REGION": "eu-west-3",
         "AWS_ACCESS_KEY_ID": "id",
         "AWS_SECRET_ACCESS_KEY": SECRET,
