@@ -190,7 +190,7 @@ def scaled_vs_full(slide: Path, out: Path, limit: int) -> dict[str, Any]:
     import imagecodecs
     import torch
 
-    from digilut.data import to_model_input
+    from digilut.transforms import to_model_input
     from digilut.level_reader import LevelReader
     from digilut.manifest import read_manifest, read_patch
     from digilut.model import build_model
