@@ -190,12 +190,12 @@ def scaled_vs_full(slide: Path, out: Path, limit: int) -> dict[str, Any]:
     import imagecodecs
     import torch
 
-    from digilut.transforms import to_model_input
     from digilut.level_reader import LevelReader
     from digilut.manifest import read_manifest, read_patch
     from digilut.model import build_model
     from digilut.slide import choose_level, read_slide_info
     from digilut.train_config import ModelSpec
+    from digilut.transforms import to_model_input
 
     m = read_manifest(out).iloc[:limit]
     info = read_slide_info(slide)

@@ -1,5 +1,5 @@
 """Small helpers the steps share: configs from pipeline parameters, JSON results, the boxes of an
-annotations artifact, publishing a folder."""
+annotations artifact (publishing a folder is :func:`digilut.locations.publish_results`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ from typing import Any, TypeVar
 import pandas as pd
 
 from digilut.files import atomic_write
-from digilut.ingest import (
-    BOXES_NAME,
-)
+from digilut.ingest import BOXES_NAME
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from digilut.manifest import write_manifest
 from digilut.shards import encode_jpeg, write_shard
+from digilut.train_config import TrainConfig
+
+# The smallest training that still learns the fixture patches: test_train and test_gpu share it.
+TINY_TRAIN = TrainConfig(
+    input_px=64, epochs=2, train_batch_size=16, num_workers=0, weights="none", hidden_units=32, lr=1e-3
+)
 
 NORMAL_RGB = (236, 160, 196)
 LESION_RGB = (190, 115, 175)
@@ -82,3 +89,8 @@ def make_patch_manifest(
                 }
             )
     return write_manifest(pd.DataFrame(rows), out / "manifest.parquet")
+
+
+def tiny_training_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A split manifest of 5 patients, 5×5 patches of 64 px each, in 2 folds (for TINY_TRAIN)."""
+    return make_patch_manifest(tmp_path_factory.mktemp("data"), patients=5, grid=5, px=64, folds=2)

@@ -17,26 +17,24 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from patch_fixtures import make_patch_manifest
+from patch_fixtures import TINY_TRAIN, tiny_training_manifest
 
 from digilut import k8s
 from digilut.epoch import training_loss
 from digilut.manifest import read_manifest
 from digilut.model import build_model, gpu_required, load_model, select_device
 from digilut.predict import PredictConfig, amp_dtype, predict_patches, safe_auroc
-from digilut.train import TrainConfig, train_fold
+from digilut.train import train_fold
 from digilut.transforms import to_model_input
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
-TINY = TrainConfig(
-    input_px=64, epochs=2, train_batch_size=16, num_workers=0, weights="none", hidden_units=32, lr=1e-3
-)
+TINY = TINY_TRAIN
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_patch_manifest(tmp_path_factory.mktemp("data"), patients=5, grid=5, px=64, folds=2)
+    return tiny_training_manifest(tmp_path_factory)
 
 
 def _child_env(**extra: str) -> dict[str, str]:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from patch_fixtures import make_patch_manifest
+from patch_fixtures import TINY_TRAIN, tiny_training_manifest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from digilut.epoch import training_loss
@@ -24,14 +24,12 @@ from digilut.train import FoldResult, TrainConfig, train_fold
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU models: one thread is faster
 
 CPU = torch.device("cpu")
-TINY = TrainConfig(
-    input_px=64, epochs=2, train_batch_size=16, num_workers=0, weights="none", hidden_units=32, lr=1e-3
-)
+TINY = TINY_TRAIN
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_patch_manifest(tmp_path_factory.mktemp("data"), patients=5, grid=5, px=64, folds=2)
+    return tiny_training_manifest(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
