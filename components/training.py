@@ -68,6 +68,7 @@ def train_fold(
     stain_norm: str = "none",
     stain_scale: float = 0.05,
     stain_shift: float = 0.01,
+    train_min_overlap: float = 0.0,
 ):
     """Train one fold's ResNet on a GPU (CPU without one); the model folder holds OOF predictions."""
     import shutil

@@ -29,7 +29,8 @@ class FoldData:
 
 
 def fold_rows(manifest: pd.DataFrame, fold: int, cfg: TrainConfig) -> FoldData:
-    """Training rows (other folds, ``sampled`` if ``use_sampled``) and validation rows (fold ``fold``)."""
+    """Training rows (other folds, ``sampled`` if ``use_sampled``, positives at least
+    ``train_min_overlap`` inside their box) and validation rows (fold ``fold``, all of them)."""
     missing = [c for c in ("split", "fold", "label") if c not in manifest.columns]
     if missing:
         raise ConfigError(
@@ -43,6 +44,13 @@ def fold_rows(manifest: pd.DataFrame, fold: int, cfg: TrainConfig) -> FoldData:
     keep = train_side & (manifest["fold"] != fold)
     if cfg.use_sampled and "sampled" in manifest.columns:
         keep &= manifest["sampled"].astype(bool)
+    if cfg.train_min_overlap > 0:
+        if "overlap" not in manifest.columns:
+            raise ConfigError(
+                f"train_min_overlap={cfg.train_min_overlap} needs the manifest's overlap column "
+                "(written by the label step): label the patches again, or set train_min_overlap=0"
+            )
+        keep &= ~((manifest["label"] == 1) & (manifest["overlap"] < cfg.train_min_overlap))
     train = manifest[keep]
     if cfg.max_val_patches and len(val) > cfg.max_val_patches:
         rng = np.random.default_rng([cfg.seed, fold, 5])

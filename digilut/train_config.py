@@ -97,6 +97,10 @@ class TrainConfig:
     sampler: str = "weighted"  # weighted (class-balanced) | shuffle
     patches_per_epoch: int = 0  # 0 = as many as training rows
     use_sampled: bool = True  # train on the rows kept by negative undersampling only
+    # Training positives must lie at least this share inside their box (the manifest's ``overlap``);
+    # the others — mostly a loose box's margin, plain tissue labelled lesion — are left out of
+    # training (validation keeps every row). 0 = every positive the labeller made.
+    train_min_overlap: float = 0.0
     max_val_patches: int = 0  # 0 = every validation patch; else a fixed random subset
     brightness: float = 0.1
     contrast: float = 0.1
@@ -131,6 +135,7 @@ class TrainConfig:
             "focal_alpha": self.focal_alpha == -1 or 0 < self.focal_alpha < 1,
             "patches_per_epoch": self.patches_per_epoch >= 0,
             "max_val_patches": self.max_val_patches >= 0,
+            "train_min_overlap": 0 <= self.train_min_overlap <= 1,
             "num_workers": 0 <= self.num_workers <= 64,
             "cpu_threads": 0 <= self.cpu_threads <= 1024,
             "log_every_steps": self.log_every_steps >= 1,
@@ -140,7 +145,7 @@ class TrainConfig:
             raise ConfigError(
                 ", ".join(f"{b}={getattr(self, b)}" for b in bad)
                 + " out of range (epochs, patience ≥ 1; train_batch_size 2..8192; 0 < lr < 1; "
-                "0 < pos_weight; focal_alpha in (0, 1) or -1; counts ≥ 0)"
+                "0 < pos_weight; focal_alpha in (0, 1) or -1; train_min_overlap in [0, 1]; counts ≥ 0)"
             )
 
     def model_spec(self) -> ModelSpec:

@@ -138,6 +138,7 @@ def training(
     stain_norm: str = TRAIN_DEFAULTS.stain_norm,
     stain_scale: float = TRAIN_DEFAULTS.stain_scale,
     stain_shift: float = TRAIN_DEFAULTS.stain_shift,
+    train_min_overlap: float = TRAIN_DEFAULTS.train_min_overlap,
     epochs: int = TRAIN_DEFAULTS.epochs,
     train_batch_size: int = TRAIN_DEFAULTS.train_batch_size,
     lr: float = TRAIN_DEFAULTS.lr,

@@ -39,6 +39,8 @@ _TRAIN_HELP = {
     "sampler": "weighted (class-balanced) | shuffle.",
     "patches_per_epoch": "Patches drawn per epoch (0 = as many as training rows).",
     "use_sampled": "Train on the rows kept by negative undersampling (split's 'sampled').",
+    "train_min_overlap": "Train only on positives at least this share inside their box (0.5 drops a loose "
+    "box's margin; 0 = all).",
     "max_val_patches": "Validate on a fixed random subset of this size (0 = every patch).",
     "brightness": "Colour jitter: brightness ± this fraction.",
     "contrast": "Colour jitter: contrast ± this fraction.",

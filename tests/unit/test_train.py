@@ -121,6 +121,25 @@ def test_fold_rows_keep_patients_apart_and_use_sampled_rows(manifest: Path) -> N
     assert len(capped.val) == 7
 
 
+def test_train_min_overlap_leaves_the_box_margin_out_of_training_but_not_of_validation(
+    manifest: Path,
+) -> None:
+    df = read_manifest(manifest)
+    df["overlap"] = np.where(df["label"] == 1, np.linspace(0.1, 1.0, len(df)), 0.0)
+    base = fold_rows(df, 1, TINY)
+    core = fold_rows(df, 1, dataclasses.replace(TINY, train_min_overlap=0.5))
+    kept = core.train[core.train["label"] == 1]
+    assert len(kept) and (kept["overlap"] >= 0.5).all()
+    dropped = base.train[(base.train["label"] == 1) & (base.train["overlap"] < 0.5)]
+    assert len(dropped) and len(core.train) == len(base.train) - len(dropped)
+    assert core.train["label"].eq(0).sum() == base.train["label"].eq(0).sum()  # negatives all stay
+    assert core.val.equals(base.val)  # validation keeps the margin patches
+    with pytest.raises(ConfigError, match="needs the manifest's overlap column"):
+        fold_rows(df.drop(columns=["overlap"]), 1, dataclasses.replace(TINY, train_min_overlap=0.5))
+    with pytest.raises(ConfigError, match=r"train_min_overlap=1\.5"):
+        dataclasses.replace(TINY, train_min_overlap=1.5)
+
+
 def test_fold_rows_errors_name_what_is_wrong(manifest: Path) -> None:
     df = read_manifest(manifest)
     with pytest.raises(ConfigError, match=r"fold=5: the manifest's training folds are \[0, 1\]"):
