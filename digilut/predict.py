@@ -169,7 +169,8 @@ def predict_patches(
             from digilut.data import slide_stain_stats
             from digilut.stain import row_stain_stats
 
-            stain = row_stain_stats(out, slide_stain_stats(root, out, ensemble.stain_norm), ensemble.stain_norm)
+            method = ensemble.stain_norm
+            stain = row_stain_stats(out, slide_stain_stats(root, out, method), method)
         t0 = time.perf_counter()
         for batch in loader:
             batch_stain = None if stain is None else stain[batch.index]

@@ -182,7 +182,8 @@ def describe_stain(stats: np.ndarray, method: str) -> str:
         h, e, (ch, ce, fitted) = stats
         if not fitted:
             return "Macenko not fitted (identity)"
-        return f"Macenko H {h[0]:.2f}/{h[1]:.2f}/{h[2]:.2f}, E {e[0]:.2f}/{e[1]:.2f}/{e[2]:.2f}, max C {ch:.2f}/{ce:.2f}"
+        vectors = "Macenko H {:.2f}/{:.2f}/{:.2f}, E {:.2f}/{:.2f}/{:.2f}".format(*h, *e)
+        return f"{vectors}, max C {ch:.2f}/{ce:.2f}"
     mean, std = stats
     return "LAB mean {:.1f}/{:.1f}/{:.1f}, std {:.1f}/{:.1f}/{:.1f}".format(*mean, *std)
 

@@ -32,7 +32,7 @@ class ModelSpec:
     hidden_units: int = 256  # 0 = a single linear layer after dropout
     dropout: float = 0.3
     input_px: int = 256  # patches are resized on the device to input_px × input_px
-    stain_norm: str = "none"  # none | reinhard | macenko: each slide's stain mapped onto a reference (digilut.stain)
+    stain_norm: str = "none"  # none | reinhard | macenko: each slide's stain onto a reference (digilut.stain)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -83,7 +83,7 @@ class TrainConfig:
     hidden_units: int = 256
     dropout: float = 0.3
     input_px: int = 256  # patches are resized on the device (128 trains ~4× faster on a CPU)
-    stain_norm: str = "none"  # none | reinhard | macenko (per slide, fitted on its tissue; again at prediction)
+    stain_norm: str = "none"  # none | reinhard | macenko (per slide, fitted on its tissue; used to predict)
     loss: str = "bce"  # bce | focal
     pos_weight: float = 1.0  # BCE weight of positives (the weighted sampler already balances classes)
     focal_gamma: float = 2.0

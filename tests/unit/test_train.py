@@ -227,7 +227,9 @@ def test_fold_resumes_on_a_new_machine_from_its_checkpoint_folder(
 
 
 @pytest.mark.parametrize("stain_norm", ["reinhard", "macenko"])
-def test_stain_normalised_fold_predicts_as_it_validated(manifest: Path, tmp_path: Path, stain_norm: str) -> None:
+def test_stain_normalised_fold_predicts_as_it_validated(
+    manifest: Path, tmp_path: Path, stain_norm: str
+) -> None:
     cfg = dataclasses.replace(TINY, epochs=1, stain_norm=stain_norm, patches_per_epoch=32)
     result = train_fold(manifest, 1, tmp_path, cfg, CPU)
     oof = read_manifest(tmp_path / "oof.parquet")
