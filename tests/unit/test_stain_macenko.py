@@ -5,6 +5,7 @@ Aperio CMU-1-Small-Region slide) normalised to nearly the same pixels (metamorph
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,3 +142,21 @@ def test_statistics_travel_in_their_method_shape_and_are_checked() -> None:
     images = torch.zeros(3, 8, 8, 3, dtype=torch.uint8)
     with pytest.raises(ConfigError, match="stain_norm=macenko needs the slides' stain statistics"):
         to_model_input(images, torch.device("cpu"), input_px=8, stain_norm="macenko")
+
+
+def test_an_ensemble_mixing_two_normalisations_is_refused(tmp_path: Path) -> None:
+    from digilut.model import build_model, save_model
+    from digilut.predict import Ensemble
+    from digilut.train_config import ModelSpec
+
+    paths = [
+        save_model(
+            tmp_path / f"{m}.pt", build_model(ModelSpec(hidden_units=8, input_px=32, stain_norm=m), "none")
+        )
+        for m in ("none", "macenko", "reinhard")
+    ]
+    assert Ensemble.load(paths[:2], torch.device("cpu")).stain_norm == "macenko"  # none beside one method
+    with pytest.raises(
+        ConfigError, match=r"share one stain_norm; got .*macenko.pt: macenko, .*reinhard.pt: reinhard"
+    ):
+        Ensemble.load(paths, torch.device("cpu"))
