@@ -43,7 +43,7 @@ from torch.utils.data import (
 
 from digilut.errors import ConfigError, ShardError
 from digilut.shards import ShardReader, decode_jpeg
-from digilut.stain import FIT_PATCHES, tissue_lab_stats
+from digilut.stain import FIT_PATCHES, describe_stain, fit_stain
 from digilut.train_config import SAMPLERS
 
 log = logging.getLogger(__name__)
@@ -345,21 +345,15 @@ def make_loader(
 
 
 def slide_stain_stats(
-    root: str | Path, rows: pd.DataFrame, fit_patches: int = FIT_PATCHES
+    root: str | Path, rows: pd.DataFrame, method: str, fit_patches: int = FIT_PATCHES
 ) -> dict[str, np.ndarray]:
-    """Per slide of ``rows`` (manifest rows; shards relative to ``root``): its tissue LAB statistics
-    (``2×3``), fitted on up to ``fit_patches`` of its patches spread evenly over its rows."""
+    """Per slide of ``rows`` (manifest rows; shards relative to ``root``): its ``method`` stain
+    statistics (:func:`digilut.stain.fit_stain`), fitted on up to ``fit_patches`` of its patches
+    spread evenly over its rows."""
     out: dict[str, np.ndarray] = {}
     for slide, part in rows.groupby("slide", sort=True):
         pick = np.unique(np.linspace(0, len(part) - 1, min(len(part), fit_patches)).round().astype(int))
         batch = PatchDataset(root, part.iloc[pick], augment=False).__getitems__(range(len(pick)))
-        out[str(slide)] = tissue_lab_stats(batch.images).numpy()
-        mean, std = out[str(slide)]
-        log.info(
-            "stain: %s LAB mean %.1f/%.1f/%.1f, std %.1f/%.1f/%.1f over %d patches",
-            slide,
-            *mean,
-            *std,
-            len(pick),
-        )
+        out[str(slide)] = fit_stain(batch.images, method, str(slide)).numpy()
+        log.info("stain: %s %s over %d patches", slide, describe_stain(out[str(slide)], method), len(pick))
     return out

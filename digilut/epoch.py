@@ -135,14 +135,14 @@ class EpochRunner:
         self.val_set = PatchDataset(root, data.val, augment=False)
         self.stain_train: torch.Tensor | None = None
         self.stain_val: torch.Tensor | None = None
-        if cfg.stain_norm == "reinhard":  # fitted on every patch row of the fold's slides, as predict does
+        if cfg.stain_norm != "none":  # fitted on every patch row of the fold's slides, as predict does
             from digilut.data import slide_stain_stats
             from digilut.stain import row_stain_stats
 
             slides = set(data.train["slide"]) | set(data.val["slide"])
-            fitted = slide_stain_stats(root, manifest[manifest["slide"].isin(slides)])
-            self.stain_train = row_stain_stats(data.train, fitted)
-            self.stain_val = row_stain_stats(data.val, fitted)
+            fitted = slide_stain_stats(root, manifest[manifest["slide"].isin(slides)], cfg.stain_norm)
+            self.stain_train = row_stain_stats(data.train, fitted, cfg.stain_norm)
+            self.stain_val = row_stain_stats(data.val, fitted, cfg.stain_norm)
 
     def _restore(self, state: TrainState) -> None:
         self.model.load_state_dict(state.model)
@@ -229,6 +229,7 @@ class EpochRunner:
                 augment=augment,
                 generator=gen,
                 stain=None if self.stain_train is None else self.stain_train[batch.index],
+                stain_norm=cfg.stain_norm,
             )
             loss = self._step(x, batch.labels.to(self.device, non_blocking=True))
             loss_sum += loss * len(batch.labels)
@@ -276,6 +277,7 @@ class EpochRunner:
                 input_px=self.cfg.input_px,
                 channels_last=self.channels_last,
                 stain=None if self.stain_val is None else self.stain_val[batch.index],
+                stain_norm=self.cfg.stain_norm,
             )
             y = batch.labels.to(self.device)
             with torch.autocast(self.device.type, dtype=amp_dtype(self.device), enabled=self.use_amp):

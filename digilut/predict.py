@@ -73,6 +73,13 @@ class Ensemble:
         if not models:
             raise ConfigError("an ensemble needs at least one model file")
         self.models = list(models)
+        methods = sorted({m.spec.stain_norm for m in self.models} - {"none"})
+        if len(methods) > 1:  # one set of slide statistics is fitted per ensemble
+            raise ConfigError(
+                "an ensemble's models must share one stain_norm; got "
+                + ", ".join(f"{m.path}: {m.spec.stain_norm}" for m in self.models)
+            )
+        self.stain_norm = methods[0] if methods else "none"  # the statistics ``stain`` must hold
         self.device = device
         self.amp = amp and device.type == "cuda"
         self.channels_last = channels_last and device.type == "cuda"
@@ -101,11 +108,11 @@ class Ensemble:
     @property
     def needs_stain(self) -> bool:
         """Whether a model was trained on stain-normalised patches (then give ``stain`` to predict)."""
-        return any(m.spec.stain_norm != "none" for m in self.models)
+        return self.stain_norm != "none"
 
     def predict_batch(self, images: torch.Tensor, stain: torch.Tensor | None = None) -> torch.Tensor:
         """Mean probability (float32, on the CPU) of uint8 ``B×H×W×3`` patches; ``stain``: the
-        patches' slide stain statistics (``B×2×3``, :mod:`digilut.stain`), needed by
+        patches' slide stain statistics (:attr:`stain_norm`'s, :mod:`digilut.stain`), needed by
         :attr:`needs_stain`."""
         import torch
 
@@ -127,6 +134,7 @@ class Ensemble:
                         input_px=m.spec.input_px,
                         channels_last=self.channels_last,
                         stain=stain if m.spec.stain_norm != "none" else None,
+                        stain_norm=m.spec.stain_norm,
                     )
                 with torch.autocast(self.device.type, dtype=amp_dtype(self.device), enabled=self.amp):
                     logits = m.model(inputs[key])
@@ -161,7 +169,8 @@ def predict_patches(
             from digilut.data import slide_stain_stats
             from digilut.stain import row_stain_stats
 
-            stain = row_stain_stats(out, slide_stain_stats(root, out))
+            method = ensemble.stain_norm
+            stain = row_stain_stats(out, slide_stain_stats(root, out, method), method)
         t0 = time.perf_counter()
         for batch in loader:
             batch_stain = None if stain is None else stain[batch.index]

@@ -113,9 +113,10 @@ def _ensemble_python_model() -> Any:
             images = torch.from_numpy(np.ascontiguousarray(model_input, dtype=np.uint8))
             stain = None
             if self.ensemble.needs_stain:  # stain-normalised models: the patches given are one slide
-                from digilut.stain import tissue_lab_stats
+                from digilut.stain import fit_stain
 
-                stain = tissue_lab_stats(images).expand(len(images), 2, 3)
+                fitted = fit_stain(images, self.ensemble.stain_norm)
+                stain = fitted.expand(len(images), *fitted.shape)
             return self.ensemble.predict_batch(images, stain).numpy()
 
     return DigilutEnsemble()

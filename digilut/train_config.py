@@ -19,7 +19,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50")
 SAMPLERS = ("weighted", "shuffle", "sequential")
 LOSSES = ("bce", "focal")
 SCHEDULES = ("cosine", "plateau")
-STAIN_NORMS = ("none", "reinhard")  # per-slide stain normalisation (digilut.stain)
+STAIN_NORMS = ("none", "reinhard", "macenko")  # per-slide stain normalisation (digilut.stain)
 # Fields that do not change what is learnt: a resumed run may differ in them.
 _RUNTIME_FIELDS = frozenset({"num_workers", "cpu_threads", "log_every_steps"})
 
@@ -32,7 +32,7 @@ class ModelSpec:
     hidden_units: int = 256  # 0 = a single linear layer after dropout
     dropout: float = 0.3
     input_px: int = 256  # patches are resized on the device to input_px × input_px
-    stain_norm: str = "none"  # none | reinhard: each slide's colours mapped onto a reference (digilut.stain)
+    stain_norm: str = "none"  # none | reinhard | macenko: each slide's stain onto a reference (digilut.stain)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -83,7 +83,7 @@ class TrainConfig:
     hidden_units: int = 256
     dropout: float = 0.3
     input_px: int = 256  # patches are resized on the device (128 trains ~4× faster on a CPU)
-    stain_norm: str = "none"  # none | reinhard (per-slide, fitted on its tissue; used again at prediction)
+    stain_norm: str = "none"  # none | reinhard | macenko (per slide, fitted on its tissue; used to predict)
     loss: str = "bce"  # bce | focal
     pos_weight: float = 1.0  # BCE weight of positives (the weighted sampler already balances classes)
     focal_gamma: float = 2.0

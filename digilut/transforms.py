@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from digilut.errors import ConfigError
-from digilut.stain import reinhard_normalise
+from digilut.stain import normalise_stain
 from digilut.train_config import ColourAugment
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,19 +65,23 @@ def to_model_input(
     augment: ColourAugment | None = None,
     generator: torch.Generator | None = None,
     stain: torch.Tensor | None = None,
+    stain_norm: str = "none",
 ) -> torch.Tensor:
     """uint8 ``B×H×W×3`` patches → the model's normalised float ``B×3×input_px×input_px`` input.
 
     Moves the batch to ``device`` (non-blocking from pinned memory), resizes when ``input_px``
-    differs from the patch size (antialiased), maps each patch's slide stain ``stain`` (``B×2×3``
-    LAB statistics, :mod:`digilut.stain`) onto the reference when given, applies ``augment`` with
+    differs from the patch size (antialiased), maps each patch onto the reference stain with its
+    slide's ``stain_norm`` statistics ``stain`` (``B×…``, :mod:`digilut.stain`; needed unless
+    ``stain_norm`` is ``none``), applies ``augment`` with
     ``generator`` (a generator on ``device``), normalises with the ImageNet mean and std.
     """
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-1] != input_px or x.shape[-2] != input_px:
         x = F.interpolate(x, size=(input_px, input_px), mode="bilinear", antialias=True, align_corners=False)
-    if stain is not None:
-        x = reinhard_normalise(x, stain)
+    if stain_norm != "none":
+        if stain is None:
+            raise ConfigError(f"to_model_input: stain_norm={stain_norm} needs the slides' stain statistics")
+        x = normalise_stain(x, stain, stain_norm)
     if augment is not None:
         if generator is None:
             raise ConfigError("to_model_input: augment needs a generator on the device")

@@ -47,7 +47,8 @@ _TRAIN_HELP = {
     "saturation": "Colour jitter: saturation ± this fraction.",
     "stain_scale": "H&E stain augmentation: scale jitter per stain (0 off, 0.05 light, 0.2 strong).",
     "stain_shift": "H&E stain augmentation: shift per stain, rgb2hed units (0 off, 0.01 light, 0.05 strong).",
-    "stain_norm": "none | reinhard: per-slide stain normalisation fitted on its tissue, kept for prediction.",
+    "stain_norm": "none | reinhard | macenko: per-slide stain normalisation fitted on its tissue, kept for "
+    "prediction.",
     "amp": "bf16 autocast on CUDA.",
     "channels_last": "channels-last memory format on CUDA.",
     "compile": "torch.compile the model on CUDA.",

@@ -176,7 +176,7 @@ def test_focal_plateau_run_finishes(manifest: Path, tmp_path: Path) -> None:
         ({"arch": "resnet101"}, "arch='resnet101'"),
         ({"input_px": 8}, "input_px=8"),
         ({"stain_scale": 2.0}, "stain_scale=2.0"),
-        ({"stain_norm": "macenko"}, "stain_norm=.macenko.: choose one of none, reinhard"),
+        ({"stain_norm": "vahadane"}, "stain_norm=.vahadane.: choose one of none, reinhard, macenko"),
         ({"focal_alpha": 0.0}, "focal_alpha=0.0"),
     ],
 )
@@ -245,11 +245,14 @@ def test_fold_resumes_on_a_new_machine_from_its_checkpoint_folder(
     assert "already trained" in caplog.text and again.model_sha256 == resumed.model_sha256
 
 
-def test_stain_normalised_fold_predicts_as_it_validated(manifest: Path, tmp_path: Path) -> None:
-    cfg = dataclasses.replace(TINY, epochs=1, stain_norm="reinhard", patches_per_epoch=32)
+@pytest.mark.parametrize("stain_norm", ["reinhard", "macenko"])
+def test_stain_normalised_fold_predicts_as_it_validated(
+    manifest: Path, tmp_path: Path, stain_norm: str
+) -> None:
+    cfg = dataclasses.replace(TINY, epochs=1, stain_norm=stain_norm, patches_per_epoch=32)
     result = train_fold(manifest, 1, tmp_path, cfg, CPU)
     oof = read_manifest(tmp_path / "oof.parquet")
-    assert load_model(tmp_path / "model.pt", CPU).spec.stain_norm == "reinhard"
+    assert load_model(tmp_path / "model.pt", CPU).spec.stain_norm == stain_norm
     rows = oof.drop(columns=["prob"])
     again = predict_patches(rows, manifest.parent, [tmp_path / "model.pt"], PredictConfig(num_workers=0), CPU)
     # prediction fits each slide's stain on the same patches and normalises as validation did
