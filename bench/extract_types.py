@@ -51,7 +51,7 @@ SLIDE_TYPES = ("2x-pyramid-20x", "4x-pyramid", "striped")
 PATCH_PX, TARGET_MPP, QUALITY = 256, 0.5, 90
 REAL_PATCHES = 10_000  # tissue patches of a DigiLut slide at 20x, stride 256
 OURS = "(a) digilut prepare, 1 thread"
-RUNS = 3  # (a) and its per-slide cost: median of this many runs
+RUNS = 5  # (a) and its per-slide cost: median of this many runs
 
 
 def _timed(fn: Callable[[], tuple[int, int, int]]) -> dict[str, float]:
