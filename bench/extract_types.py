@@ -252,7 +252,7 @@ def scaled_vs_full(slide: Path, out: Path, limit: int) -> dict[str, Any]:
 
 
 def run_type(
-    kind: str, level0: np.ndarray, work: Path, *, profile: bool = False
+    kind: str, level0: np.ndarray, work: Path, *, profile: bool = False, runs: int = RUNS
 ) -> dict[str, dict[str, float]]:
     """The four methods on one slide type; rows that cannot run (OpenSlide on strips) are left out."""
     from digilut.manifest import read_manifest
@@ -280,16 +280,16 @@ def run_type(
     (warm / "images").mkdir(parents=True, exist_ok=True)
     write_slide_type(kind, np.ascontiguousarray(level0[:2048, :3072]), warm / "images" / "warm_a.tif")
     prepare_step(warm, work / f"{kind}-warm-out", cfg, workers=0, threads=1)
-    # (a) and its per-slide cost, in RUNS pairs run back to back: the per-patch cost is the median of
+    # (a) and its per-slide cost, in `runs` pairs (RUNS; 1 quick) back to back: per-patch cost = median of
     # the pairs' differences (on ~400 patches it is a small difference of two noisy CPU times)
-    runs, fixed = [], []
-    for _ in range(RUNS):
-        runs.append(_timed(ours))
+    timed, fixed = [], []
+    for _ in range(runs):
+        timed.append(_timed(ours))
         fixed.append(per_slide_cpu(data, cfg, work / f"{kind}-empty"))
-    results: dict[str, dict[str, float]] = {OURS: sorted(runs, key=lambda r: r["per_cpu_s"])[RUNS // 2]}
+    results: dict[str, dict[str, float]] = {OURS: sorted(timed, key=lambda r: r["per_cpu_s"])[runs // 2]}
     a = results[OURS]
     a["slide_s"] = float(np.median(fixed))
-    per_patch = np.median([r["patches"] / r["per_cpu_s"] - f for r, f in zip(runs, fixed, strict=True)])
+    per_patch = np.median([r["patches"] / r["per_cpu_s"] - f for r, f in zip(timed, fixed, strict=True)])
     a["per_patch_cpu_s"] = a["patches"] / max(float(per_patch), 1e-9)
     if choice.scale >= 2:  # read ≥ 2× finer than the target: decoded at 1/2-1/8
         results["scaled vs full decode"] = scaled_vs_full(slide, out, 48 if len(level0) < 8192 else 160)
@@ -399,7 +399,7 @@ def main(
     )
     every: dict[str, dict[str, dict[str, float]]] = {}
     for kind in kinds:
-        every[kind] = run_type(kind, level0, work, profile=profile)
+        every[kind] = run_type(kind, level0, work, profile=profile, runs=1 if quick else RUNS)
         print_table(kind, every[kind])
     shutil.rmtree(work, ignore_errors=True)
     return every
