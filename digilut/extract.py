@@ -160,7 +160,7 @@ def _write_outputs(
     )
     write_manifest(part, out_dir / "parts" / f"{stem}.parquet")
     png = io.BytesIO()
-    thumb.save(png, format="PNG")
+    thumb.save(png, format="PNG", compress_level=1)  # 2× faster than the default 6, 5 % larger
     atomic_write(out_dir / "thumbnails" / f"{stem}.png", [png.getvalue()])  # a full disk names the file
     return file_sha256(out_dir / shard_rel)
 

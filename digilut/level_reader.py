@@ -10,7 +10,9 @@ or decoded at 1/2, 1/4 or 1/8 in the DCT domain (:func:`decode_jpeg_scaled`).
 from __future__ import annotations
 
 import io
+import itertools
 import logging
+import os
 from collections import OrderedDict
 
 import numpy as np
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 MAX_TILE_BYTES = 256 * 2**20
 # The LevelReader's cache of decoded tiles holds at most this many bytes (wide strips are big).
 CACHE_BYTES = 256 * 2**20
+# The most bytes one read of back-to-back JPEG tiles takes (LevelReader.tile_streams).
+MAX_READ_BYTES = 8 * 2**20
 # Scaled decoding is checked once per reader against the full decode shrunk by a box mean:
 # the mean absolute difference (0-255) above which the reader falls back to that box mean
 # (libjpeg guessed another colour space than the TIFF's Photometric says).
@@ -36,15 +40,13 @@ SCALED_DECODE_MAX_DIFF = 4.0
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 
 
-def jpeg_stream(tile: bytes, tables: bytes | None, *, rgb: bool = False) -> bytes:
+def jpeg_stream(tile: bytes | memoryview, tables: bytes | None, *, rgb: bool = False) -> bytes:
     """A TIFF JPEG tile/strip as a standalone JPEG stream: the page's JPEGTables (quantisation and
     Huffman tables between their own SOI and EOI) merged in after the tile's SOI. ``rgb``: the
     components are RGB (Photometric RGB without a JFIF marker, as Aperio writes them), which a
     stand-alone decoder would take for YCbCr: an Adobe marker with transform 0 says so."""
-    head = tile[:2] + (_ADOBE_RGB if rgb else b"")
-    if not tables or len(tables) <= 4:
-        return head + tile[2:]
-    return head + tables[2:-2] + tile[2:]
+    mid = (_ADOBE_RGB if rgb else b"") + (tables[2:-2] if tables and len(tables) > 4 else b"")
+    return b"".join((tile[:2], mid, tile[2:]))
 
 
 def decode_jpeg_scaled(stream: bytes, scale: int) -> np.ndarray:
@@ -117,8 +119,8 @@ class LevelReader:
                 f"({tile_bytes / 2**20:.0f} MiB decoded), more than the {MAX_TILE_BYTES / 2**20:.0f} MiB "
                 "a reader may hold; re-save the slide tiled (e.g. vips tiffsave --tile --pyramid)"
             )
-        self._offsets = page.dataoffsets
-        self._counts = page.databytecounts
+        self._offsets = np.asarray(page.dataoffsets, np.int64)
+        self._counts = np.asarray(page.databytecounts, np.int64)
         self.is_jpeg = int(page.compression) in JPEG_COMPRESSION
         # tifffile's rule (jpeg_decode_colorspace): Photometric RGB without JFIF is RGB-coded JPEG.
         self._rgb = int(page.photometric) == 2 and not page.is_jfif
@@ -214,15 +216,37 @@ class LevelReader:
 
     def tile_stream(self, tx: int, ty: int) -> bytes:
         """Tile ``(tx, ty)``'s JPEG data as a standalone JPEG stream (JPEGTables merged in)."""
-        idx = ty * self.tiles_x + tx
-        off, n = int(self._offsets[idx]), int(self._counts[idx])
-        if n == 0 or off + n > self._file_size:
+        return self.tile_streams(np.array([tx]), np.array([ty]))[0]
+
+    def tile_streams(self, tx: np.ndarray, ty: np.ndarray) -> list[bytes]:
+        """The standalone JPEG streams of tiles ``(tx[k], ty[k])`` (see :meth:`tile_stream`), read
+        with one ``pread`` per run of tiles whose data lie back to back in the file (a raster-order
+        row of tiles usually does), at most ``MAX_READ_BYTES`` a read."""
+        idx = np.asarray(ty, np.int64) * self.tiles_x + np.asarray(tx, np.int64)
+        offs, counts = self._offsets[idx], self._counts[idx]
+        bad = np.flatnonzero((counts == 0) | (offs + counts > self._file_size))
+        if len(bad):
+            k = int(bad[0])
             raise SlideReadError(
-                f"{self.info.path.name} level {self.level.index} tile ({tx}, {ty}): tile data missing "
-                "or beyond the end of the file (truncated slide?)"
+                f"{self.info.path.name} level {self.level.index} tile ({int(tx[k])}, {int(ty[k])}): tile "
+                "data missing or beyond the end of the file (truncated slide?)"
             )
-        self._fh.seek(off)
-        return jpeg_stream(self._fh.read(n), self._page.jpegtables, rgb=self._rgb)
+        ends = offs + counts
+        # a new read starts where a tile's data do not follow the previous tile's
+        starts = [*np.flatnonzero(np.r_[True, offs[1:] != ends[:-1]]).tolist(), len(idx)]
+        tables, fd, out = self._page.jpegtables, self._fh.fileno(), []
+        for a, b in itertools.pairwise(starts):
+            while a < b:  # split a long run into reads of at most MAX_READ_BYTES
+                c = a + 1
+                while c < b and ends[c] - offs[a] <= MAX_READ_BYTES:
+                    c += 1
+                base = int(offs[a])
+                block = memoryview(os.pread(fd, int(ends[c - 1]) - base, base))
+                for k in range(a, c):
+                    data = block[int(offs[k]) - base : int(ends[k]) - base]
+                    out.append(jpeg_stream(data, tables, rgb=self._rgb))
+                a = c
+        return out
 
     def tiles_of(self, x: int, y: int, w: int, h: int) -> list[tuple[int, int]]:
         """The ``(tx, ty)`` tiles (or strips, ``tx = 0``) that the region ``x, y, w, h`` touches."""

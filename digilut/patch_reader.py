@@ -176,6 +176,32 @@ class CellReads:
     ref_means: np.ndarray
 
 
+def _copy_cells(
+    reader: LevelReader, plan: ReadPlan, grid: Grid, cells: np.ndarray, checked: np.ndarray, bad: list[str]
+) -> list[tuple[int, bytes, np.ndarray | None]]:
+    """The tile-copy path of :func:`read_cells`: every cell's JPEG tile read in bulk
+    (:meth:`~digilut.level_reader.LevelReader.tile_streams`) and judged by its bytes. Corrupt ones
+    are named in ``bad``; the others are returned in order as ``(k, stream, pixels)``: ``pixels`` is
+    cell ``k``'s tile decoded at 1/8 (its block means: DC coefficients only) for the flat and garbled
+    checks when it may be of one colour or ``checked[k]``, else None (stored unchecked)."""
+    region, level = plan.region, plan.level
+    tx, ty = grid.gx[cells] // region, grid.gy[cells] // region
+    streams = reader.tile_streams(tx, ty)
+    todo: list[tuple[int, bytes, np.ndarray | None]] = []
+    for k, (stream, why) in enumerate(zip(streams, map(suspect_stream, streams), strict=True)):
+        if why and why != MAYBE_FLAT:
+            bad.append(f"corrupt JPEG data ({why}): level {level} tile ({int(tx[k])}, {int(ty[k])})")
+        elif not why and not checked[k]:  # intact-looking bytes: stored as they are
+            todo.append((k, stream, None))
+        else:
+            try:
+                todo.append((k, stream, decode_jpeg_scaled(stream, 8)))
+            except (OSError, ValueError) as err:
+                where = f"{reader.info.path.name} level {level} tile ({int(tx[k])}, {int(ty[k])})"
+                raise SlideReadError(f"{where}: cannot decode ({err})") from err
+    return todo
+
+
 def read_cells(
     info: SlideInfo,
     plan: ReadPlan,
@@ -186,7 +212,8 @@ def read_cells(
     sample: np.ndarray,
 ) -> CellReads:
     """Read, resize and JPEG-encode the grid cells ``cells`` (or, ``plan.tile_copy``, take each
-    cell's JPEG tile as it is); skip flat patches (one colour: a black/blank tile) and say why.
+    cell's JPEG tile as it is: :func:`_copy_cells`); skip flat patches (one colour: a black/blank
+    tile) and say why.
 
     A copied tile whose bytes are corrupt (:func:`~digilut.garbled.suspect_stream`) is dropped; it
     is decoded (at 1/8) for the flat and garbled checks only when it may be of one colour or
@@ -198,30 +225,21 @@ def read_cells(
     region, level = plan.region, plan.level
     unchecked = np.full(3, np.nan)
     with LevelReader(info, level, cache_bytes=cache_bytes, decode_scale=plan.decode_scale) as reader:
-        for k, i in enumerate(cells):
+        if plan.tile_copy:
+            todo = _copy_cells(reader, plan, grid, cells, sample, out.bad)
+        else:
+            todo = [(k, b"", None) for k in range(len(cells))]
+        for k, stream, px in todo:
+            i = int(cells[k])
+            if plan.tile_copy and px is None:  # stored unchecked
+                if ref is not None:
+                    means.append(unchecked)
+                    ref_means.append(unchecked)
+                out.jpegs.append(stream)
+                out.kept.append(i)
+                continue
             x, y = int(grid.gx[i]), int(grid.gy[i])
-            stream = b""
-            if plan.tile_copy:
-                stream = reader.tile_stream(x // region, y // region)
-                why = suspect_stream(stream)
-                if why and why != MAYBE_FLAT:
-                    out.bad.append(
-                        f"corrupt JPEG data ({why}): level {level} tile ({x // region}, {y // region})"
-                    )
-                    continue
-                if not sample[k] and not why:  # intact-looking bytes: stored as they are
-                    if ref is not None:
-                        means.append(unchecked)
-                        ref_means.append(unchecked)
-                    out.jpegs.append(stream)
-                    out.kept.append(int(i))
-                    continue
-                try:  # the checks need the tile's block means only: its DC coefficients (1/8 scale)
-                    px = decode_jpeg_scaled(stream, 8)
-                except (OSError, ValueError) as err:
-                    where = f"{info.path.name} level {level} tile ({x // region}, {y // region})"
-                    raise SlideReadError(f"{where}: cannot decode ({err})") from err
-            else:
+            if px is None:
                 px = reader.read(x, y, region, region)
             if px.min() == px.max():
                 tiles = ", ".join(f"({tx}, {ty})" for tx, ty in reader.tiles_of(x, y, region, region))
@@ -236,7 +254,7 @@ def read_cells(
                     px = np.asarray(Image.fromarray(px).resize(size, Image.Resampling.BOX))
                 stream = imagecodecs.jpeg8_encode(px, level=plan.jpeg_quality)
             out.jpegs.append(stream)
-            out.kept.append(int(i))
+            out.kept.append(i)
     out.means, out.ref_means = np.reshape(means, (-1, 3)), np.reshape(ref_means, (-1, 3))
     return out
 

@@ -97,6 +97,40 @@ def _tile_streams(path, level: int) -> list[bytes]:
         return [reader.tile_stream(tx, ty) for ty in range(reader.tiles_y) for tx in range(reader.tiles_x)]
 
 
+@pytest.mark.parametrize("max_read", [8 * 2**20, 20_000])
+def test_tile_streams_reads_back_to_back_tiles_at_once_and_gives_each_tiles_stream(max_read, monkeypatch):
+    import digilut.level_reader as lr
+
+    path = cmu_small_region_svs(fetch=False)  # JPEGTables, RGB-coded: the merge has to add both
+    with tifffile.TiffFile(path) as tif:
+        page = tif.series[0].levels[0].keyframe
+        offsets, counts, tables = page.dataoffsets, page.databytecounts, page.jpegtables
+    raw = Path(path).read_bytes()
+    reads: list[int] = []
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        reads.append(n)
+        return real_pread(fd, n, offset)
+
+    real_pread = lr.os.pread
+    monkeypatch.setattr(lr, "MAX_READ_BYTES", max_read)
+    monkeypatch.setattr(lr.os, "pread", pread)
+    with LevelReader(read_slide_info(path), 0) as reader:
+        ty, tx = np.divmod(np.arange(reader.tiles_x * reader.tiles_y), reader.tiles_x)
+        order = np.r_[np.arange(len(tx)), np.arange(len(tx))[::-1]]  # forwards, then backwards
+        streams = reader.tile_streams(tx[order], ty[order])
+    want = [lr.jpeg_stream(raw[offsets[i] : offsets[i] + counts[i]], tables, rgb=True) for i in order]
+    assert streams == want
+    assert all(s.startswith(b"\xff\xd8\xff\xee\x00\x0eAdobe") for s in streams)  # RGB said so
+    back_to_back = all(offsets[i + 1] == offsets[i] + counts[i] for i in range(len(offsets) - 1))
+    assert back_to_back, "this slide's tiles lie back to back: one read covers them"
+    if max_read > sum(counts):  # forwards one read; backwards no tile follows the one before
+        assert len(reads) == 1 + len(offsets) and reads[0] == sum(counts)
+    else:
+        assert len(reads) > 1 + len(offsets)
+        assert all(n <= max_read or n in counts for n in reads)  # a tile larger than a read: alone
+
+
 @pytest.mark.parametrize("kind", ["aperio_svs_with_jpegtables", "tiled_pyramid_at_20x"])
 def test_a_patch_that_is_one_jpeg_tile_is_stored_as_it_is_and_decodes_to_the_tiles_pixels(
     kind, tmp_path, tiny_data, caplog
@@ -214,3 +248,18 @@ def test_suspect_streams_are_told_from_intact_tiles():
     Image.fromarray(np.full((256, 256, 3), 30, np.uint8)).save(buf, "JPEG", quality=90, optimize=True)
     assert suspect_stream(black) == suspect_stream(grey) == suspect_stream(buf.getvalue()) == MAYBE_FLAT
     assert suspect_stream(b"\xff\xd8\xff\xd9") == "header"
+
+
+def test_a_parsed_header_is_reused_only_for_streams_that_start_with_it():
+    from digilut import garbled
+
+    rng = np.random.default_rng(1)
+    px = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    streams = _tile_streams(cmu_small_region_svs(fetch=False), 0)[:3]
+    for q in (50, 90, 95):  # tables (and so headers) differ; the first bytes (SOI, JFIF APP0) do not
+        streams += [imagecodecs.jpeg8_encode(px, level=q), imagecodecs.jpeg8_encode(px[:32], level=q)]
+    garbled._HEADERS.clear()
+    for s in [*streams, *streams[::-1]]:
+        assert garbled._scan_header(s) == garbled._flat_scan_bits(s)
+    heads = {s[: garbled._flat_scan_bits(s)[0]] for s in streams}
+    assert 7 <= len(garbled._HEADERS) == len(heads)  # one per distinct header: the svs tiles share one
