@@ -14,6 +14,7 @@ download at run time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -78,8 +79,13 @@ def check_tag(tag: str) -> str:
     return tag
 
 
+@functools.cache
 def default_tag(repo: Path = REPO_ROOT) -> str:
-    """The 12-character git short SHA of ``repo``'s HEAD, or ``dev`` when it is not a git checkout."""
+    """The 12-character git short SHA of ``repo``'s HEAD, or ``dev`` when it is not a git checkout.
+
+    Read once per process: components fix their image when their module is imported, so a commit
+    made while a long run (the test suite, a compile) is going must not give later callers another
+    tag than the components already carry."""
     try:
         out = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", f"--short={TAG_SHA_CHARS}", "HEAD"],

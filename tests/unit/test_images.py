@@ -86,6 +86,17 @@ def test_default_tag_outside_a_git_checkout_is_dev(tmp_path: Path, monkeypatch: 
     assert default_tag(tmp_path) == "dev"
 
 
+def test_the_default_tag_stays_the_same_for_the_whole_process(tmp_path: Path) -> None:
+    """Components take their image at import: a commit during a long run (the test suite) once gave
+    the later callers of image() another tag, and test_cpu_steps_import_no_torch found no base step."""
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "one"], check=True)
+    first = default_tag(tmp_path)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "two"], check=True)
+    assert re.fullmatch(r"[0-9a-f]{12}", first) and default_tag(tmp_path) == first
+
+
 @pytest.mark.parametrize("tag", [*sorted(MUTABLE_TAGS), "LATEST", "Latest"])
 def test_mutable_tags_are_refused(tag: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DIGILUT_TAG", tag)
