@@ -23,9 +23,10 @@ Per slide: uneven section thickness (optical density × a smooth random factor, 
 0.6–1.4, DAB channel as a small colour cast), brightness 0.9–1.05, JPEG quality 70–95.
 
 Boxes are loose, as an annotator draws them: a box size is drawn as in :mod:`digilut.synth_plan` (the
-real DigiLut sizes), the infiltrate fills the box less a random margin of 5–30 % per side (:data:`~digilut.synth_real_plan.MARGIN_RANGE`). Box
-counts per positive slide follow the real training CSV (927 boxes on 251 slides: mean 3.7, up to
-40; :data:`~digilut.synth_real_plan.REAL_BOX_COUNTS`) and are kept while they fit (far/near gaps as in
+real DigiLut sizes), the infiltrate fills the box less a random margin of 5–30 % per side
+(:data:`~digilut.synth_real_plan.MARGIN_RANGE`). Box counts per positive slide follow the real
+training CSV (927 boxes on 251 slides: mean 3.7, up to 40;
+:data:`~digilut.synth_real_plan.REAL_BOX_COUNTS`) and are kept while they fit (far/near gaps as in
 :mod:`digilut.synth_plan`).
 
 The generator proves the task is not a colour task: :func:`colour_auroc` trains a logistic regression
