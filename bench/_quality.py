@@ -66,54 +66,54 @@ TUNED_FIELDS = ("high", "low", "fit_miss_weight")
 CORE_OVERLAP = 0.5
 
 
-def training_manifest(data: Path, grid_px: int) -> Path:
-    """The split manifest to train on: stride 256 as prepared, or the stride-128 grid with every
-    patient in the fold the stride-256 split gave it (so out-of-fold predictions stay out of fold)."""
+# prepare_data's result: the stride-256 split manifest, its train.csv, the held-out manifest, its train.csv
+Prepared = tuple[Path, Path, Path, Path]
+
+
+def training_manifest(split: Path, grid_px: int) -> Path:
+    """The split manifest to train on: ``split`` (stride 256) as prepared, or the stride-128 grid beside
+    it with every patient in the fold ``split`` gave it (so out-of-fold predictions stay out of fold)."""
     from digilut.manifest import read_manifest, write_manifest
     from digilut.split import undersample
 
-    split = data / "train-patches" / "split.parquet"
     if grid_px == 256:
         return split
-    path = data / "train-patches-128" / "split.parquet"
+    grid = split.parent.parent / "train-patches-128"
+    path = grid / "split.parquet"
     if not path.is_file():
         fold_of = read_manifest(split).groupby("patient", observed=True)["fold"].first()
-        df = read_manifest(data / "train-patches-128" / "manifest.parquet", require=("label",))
+        df = read_manifest(grid / "manifest.parquet", require=("label",))
         df = df.assign(split="train", fold=df["patient"].map(fold_of).astype(np.int8))
         df["sampled"] = undersample(df, 3.0, 0)
         write_manifest(df, path)
     return path
 
 
-def oof_at_stride_128(out: Path, data: Path, folds: int, device: Any) -> pd.DataFrame:
-    """Out-of-fold predictions on the stride-128 grid: every training slide predicted by the model
-    of the fold that held it out."""
+def oof_at_stride_128(models: list[Path], split: Path, pcfg: Any, device: Any) -> pd.DataFrame:
+    """Out-of-fold predictions on the stride-128 grid beside ``split``: every training slide predicted
+    by ``models[k]``, the model of the fold ``k`` that held it out."""
     from digilut.manifest import read_manifest
-    from digilut.predict import PredictConfig, predict_patches
+    from digilut.predict import predict_patches
 
-    fold_of = read_manifest(data / "train-patches" / "split.parquet").groupby("slide", observed=True)["fold"]
-    fold_of = fold_of.first()
-    grid = data / "train-patches-128"
+    fold_of = read_manifest(split).groupby("slide", observed=True)["fold"].first()
+    grid = split.parent.parent / "train-patches-128"
     rows = read_manifest(grid / "manifest.parquet")
-    parts = []
-    for k in range(folds):
-        held = rows[rows["slide"].map(fold_of).eq(k)]
-        model = out / "models" / f"fold{k}" / "model.pt"
-        parts.append(
-            predict_patches(held, grid, [model], PredictConfig(predict_batch_size=128, num_workers=1), device)
-        )
+    parts = [
+        predict_patches(rows[rows["slide"].map(fold_of).eq(k)], grid, [model], pcfg, device)
+        for k, model in enumerate(models)
+    ]
     return pd.concat(parts, ignore_index=True)
 
 
 def core_auroc(pred: pd.DataFrame) -> float | None:
-    """AUROC of positives at least :data:`CORE_OVERLAP` inside a box against patches outside every box."""
-    from sklearn.metrics import roc_auc_score
+    """AUROC of positives at least :data:`CORE_OVERLAP` inside a box against patches outside every box
+    (NaN with a single class)."""
+    from digilut.predict import safe_auroc
 
     if "overlap" not in pred:
         return None
     core = pred[(pred["overlap"] >= CORE_OVERLAP) | (pred["overlap"] <= 0)]
-    y = (core["overlap"] >= CORE_OVERLAP).astype(int)
-    return float(roc_auc_score(y, core["prob"])) if y.nunique() == 2 else None
+    return safe_auroc(core["overlap"] >= CORE_OVERLAP, core["prob"])
 
 
 def _realism(folder: Path) -> dict[str, Any]:
@@ -125,9 +125,11 @@ def _realism(folder: Path) -> dict[str, Any]:
     return {"colour_auroc": report["colour"]["auroc"], "label_ceiling_auroc": ceiling}
 
 
-def fit_and_score(out: Path, data: Path, quality: dict[str, Any], grid_px: int, folds: int) -> dict[str, Any]:
-    """Train ``folds`` fold models with ``quality`` on ``data`` (:func:`bench.train.prepare_data`'s
-    folder), predict the held-out patients and the out-of-fold grid, score patches and boxes."""
+def fit_and_score(
+    out: Path, prepared: Prepared, quality: dict[str, Any], grid_px: int, folds: int
+) -> dict[str, Any]:
+    """Train ``folds`` fold models with ``quality`` on the data :func:`bench.train.prepare_data`
+    made, predict the held-out patients and the out-of-fold grid, score patches and boxes."""
     import torch
 
     from bench.boxes import miss_reasons
@@ -143,26 +145,22 @@ def fit_and_score(out: Path, data: Path, quality: dict[str, Any], grid_px: int, 
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)  # the loader worker has the other core; faster on a busy 2-core box
+    split, train_csv, heldout, heldout_csv = prepared
     cfg = TrainConfig(**quality)
-    manifest = training_manifest(data, grid_px)
+    manifest = training_manifest(split, grid_px)
     c0, t0 = cpu_seconds(), time.perf_counter()
     results = [train_fold(manifest, k, out / "models" / f"fold{k}", cfg, device) for k in range(folds)]
     train_s, train_cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
     t0 = time.perf_counter()
-    heldout = data / "heldout-patches" / "manifest.parquet"
-    if not heldout.is_file():  # quick: the training slides stand in for held-out ones
-        heldout = data / "train-patches-128" / "manifest.parquet"
-    held_raw = data / ("synth-heldout" if heldout.parent.name == "heldout-patches" else "synth-train")
     models = [out / "models" / f"fold{k}" / "model.pt" for k in range(folds)]
     pcfg = PredictConfig(predict_batch_size=128, num_workers=1)
     pred = predict_patches(read_manifest(heldout), heldout.parent, models, pcfg, device)
     predict_s = time.perf_counter() - t0
-    oof = oof_at_stride_128(out, data, folds, device)
+    oof = oof_at_stride_128(models, split, pcfg, device)
     torch.set_num_threads(threads)
     write_manifest(pred, out / "heldout-pred.parquet")
     write_manifest(oof, out / "oof-128.parquet")
-    truth = read_truth_csv(held_raw / "train.csv")
-    oof_truth = read_truth_csv(data / "synth-train" / "train.csv")
+    truth, oof_truth = read_truth_csv(heldout_csv), read_truth_csv(train_csv)
     ev = evaluate_predictions(pred, truth, oof=oof, boxes_config=BoxesConfig())
     tuned = evaluate_predictions(pred, truth, oof=oof, oof_truth=oof_truth)
     perfect = pred.assign(prob=pred["label"].astype(float))
@@ -174,8 +172,6 @@ def fit_and_score(out: Path, data: Path, quality: dict[str, Any], grid_px: int, 
     print(tuned.score.format_table())
     print(f"perfect labels: mean F2 {oracle.score.mean_f2:.4f}; missed truth boxes and why:")
     print(misses.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    from sklearn.metrics import roc_auc_score
-
     return {
         "config": {**quality, "train_grid_px": grid_px, "folds": folds},
         "init": results[0].init.get("words", "not recorded"),
@@ -188,10 +184,10 @@ def fit_and_score(out: Path, data: Path, quality: dict[str, Any], grid_px: int, 
         "heldout_slides_scored": len(ev.score.slides),
         "patch": ev.patch.to_dict(),
         "patch_auroc_core": core_auroc(pred),
-        "oof_auroc": float(roc_auc_score(oof["label"], oof["prob"])) if oof["label"].nunique() == 2 else None,
+        "oof_auroc": tuned.oof_patch.auroc if tuned.oof_patch else None,
         "oof_tuned_f2": tuned.tuned_f2,
-        "heldout": _realism(held_raw),
-        "training_set": _realism(data / "synth-train"),
+        "heldout": _realism(heldout_csv.parent),
+        "training_set": _realism(train_csv.parent),
         "mean_f2": ev.score.mean_f2,
         "mean_f2_oof_tuned_boxes": tuned.score.mean_f2,
         "mean_f2_perfect_labels": oracle.score.mean_f2,
@@ -200,19 +196,19 @@ def fit_and_score(out: Path, data: Path, quality: dict[str, Any], grid_px: int, 
     }
 
 
-def quality_run(out: Path, data: Path, folds: int) -> dict[str, Any]:
+def quality_run(out: Path, prepared: Prepared, folds: int) -> dict[str, Any]:
     """:data:`QUALITY` (quick: :data:`QUICK_QUALITY` at stride 256) through :func:`fit_and_score`."""
     if quick():
-        return fit_and_score(out, data, QUICK_QUALITY, 256, folds)
-    return fit_and_score(out, data, QUALITY, QUALITY_GRID_PX, folds)
+        return fit_and_score(out, prepared, QUICK_QUALITY, 256, folds)
+    return fit_and_score(out, prepared, QUALITY, QUALITY_GRID_PX, folds)
 
 
-def budget_study(data: Path, names: list[str], folds: int) -> pd.DataFrame:
-    """Train and score every named :data:`STUDY` configuration; one row each (``study/study.csv``)."""
+def budget_study(out: Path, prepared: Prepared, names: list[str], folds: int) -> pd.DataFrame:
+    """Train and score every named :data:`STUDY` configuration; one row each (``out/study.csv``)."""
     rows = []
     for name in names:
         over, grid_px = STUDY[name]
-        f = fit_and_score(data / "study" / name, data, {**QUALITY, "weights": "none", **over}, grid_px, folds)
+        f = fit_and_score(out / name, prepared, {**QUALITY, "weights": "none", **over}, grid_px, folds)
         rows.append(
             {
                 "config": name,
@@ -227,7 +223,7 @@ def budget_study(data: Path, names: list[str], folds: int) -> pd.DataFrame:
             }
         )
         table = pd.DataFrame(rows)
-        table.to_csv(data / "study" / "study.csv", index=False)
+        table.to_csv(out / "study.csv", index=False)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"), flush=True)
     return pd.DataFrame(rows)
 
@@ -241,5 +237,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] != ["study"]:
         sys.exit(f"usage: python -m bench._quality study [{' '.join(STUDY)}]")
     root = Path("bench-out") / "train"
-    prepare_data(root)
-    budget_study(root, sys.argv[2:] or list(STUDY), FOLDS)
+    budget_study(root / "study", prepare_data(root), sys.argv[2:] or list(STUDY), FOLDS)

@@ -322,7 +322,8 @@ def main(out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    manifest, _, heldout, _ = prepare_data(out)
+    prepared = prepare_data(out)
+    manifest, _, heldout, _ = prepared
     print(f"data ready in {time.perf_counter() - t0:.0f}s (load average {_load_average()})")
     figures: dict[str, Any] = {"cpu_count": os.cpu_count(), "load_average_start": _load_average()}
     figures.update(bench_loader(manifest, n=64, batch=16, px=32) if quick() else bench_loader(manifest))
@@ -330,7 +331,7 @@ def main(out: Path) -> None:
     if torch.cuda.is_available():
         figures["gpu"] = torch.cuda.get_device_name()
         figures.update(bench_gpu(out, manifest, heldout))
-    figures["quality"] = quality_run(out, out, _scale()["folds"])
+    figures["quality"] = quality_run(out, prepared, _scale()["folds"])
     figures["load_average_end"] = _load_average()
     (out / "figures.json").write_text(json.dumps(figures, indent=2, default=float))
     write_table(out, format_table(figures))

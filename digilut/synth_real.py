@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from digilut.labels import overlap_scores
 from digilut.synth_plan import SynthConfig, patient_names
 from digilut.synth_real_plan import plan_real_slide
 from digilut.synth_real_render import write_real_slide
@@ -61,14 +62,6 @@ log = logging.getLogger(__name__)
 PATCH_PX, PATCH_STRIDE_PX, PATCH_LEVEL = 256, 128, 1  # the pipeline's grid: 256 px at 20x
 LABEL_MIN_OVERLAP = 0.1
 COLOUR_AUROC_GOAL = 0.80
-
-
-def _cover(boxes: np.ndarray, x: int, y: int, side: int) -> float:
-    """The largest share of the square patch at level-0 ``(x, y)`` covered by one of ``boxes``
-    (n×4 ``x1, x2, y1, y2``); 0 without boxes."""
-    iw = np.clip(np.minimum(x + side, boxes[:, 1]) - np.maximum(x, boxes[:, 0]), 0, None)
-    ih = np.clip(np.minimum(y + side, boxes[:, 3]) - np.maximum(y, boxes[:, 2]), 0, None)
-    return float((iw * ih).max(initial=0.0)) / side**2
 
 
 def patch_features(
@@ -88,22 +81,21 @@ def patch_features(
     rows = []
     if isinstance(boxes, pd.DataFrame):
         boxes = list(boxes[["x1", "x2", "y1", "y2"]].itertuples(index=False, name=None))
-    b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    e = np.asarray(extents or [], np.float64).reshape(-1, 4)
-    p0 = PATCH_PX * down
     for y in range(0, h - PATCH_PX + 1, PATCH_STRIDE_PX):
         for x in range(0, w - PATCH_PX + 1, PATCH_STRIDE_PX):
             if glass[y : y + PATCH_PX, x : x + PATCH_PX].mean() > 0.5:
                 continue
             mean = level1[y : y + PATCH_PX, x : x + PATCH_PX].reshape(-1, 3).mean(axis=0)
-            X, Y = x * down, y * down
-            label = int(_cover(b, X, Y, p0) >= LABEL_MIN_OVERLAP)
-            rows.append((slide, X, Y, *mean, label, _cover(e, X, Y, p0)))
-    df = pd.DataFrame(rows, columns=["slide", "x0", "y0", "r", "g", "b", "label", "infiltrate"])
-    df = df.astype(
-        {"x0": "int64", "y0": "int64", "r": "float64", "g": "float64", "b": "float64", "label": "int64"}
-    )
-    return df if extents is not None else df.drop(columns="infiltrate")
+            rows.append((slide, x * down, y * down, *mean))
+    df = pd.DataFrame(rows, columns=["slide", "x0", "y0", "r", "g", "b"])
+    df = df.astype({"x0": "int64", "y0": "int64", "r": "float64", "g": "float64", "b": "float64"})
+    side = PATCH_PX * down
+    patches = np.column_stack([df["x0"], df["y0"], np.full((len(df), 2), side)])
+    cover = overlap_scores(patches, np.asarray(boxes, np.float64).reshape(-1, 4))
+    df["label"] = (cover >= LABEL_MIN_OVERLAP).astype("int64")
+    if extents is not None:
+        df["infiltrate"] = overlap_scores(patches, np.asarray(extents, np.float64).reshape(-1, 4))
+    return df
 
 
 def label_ceiling_auroc(features: pd.DataFrame) -> float | None:
