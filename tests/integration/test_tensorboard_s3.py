@@ -85,20 +85,23 @@ def test_fold_events_reach_s3_after_each_epoch_and_tensorboard_serves_them(
 
     tb, url = _tensorboard(logdir, s3_env, tmp_path / "tensorboard.log")
     try:
-        deadline, tags = time.monotonic() + 120, {}
+        # TensorBoard loads the two event files one after the other: wait until it has read both
+        # epochs' points (the first file alone already shows the tag).
+        q = urllib.parse.urlencode({"run": "run-a/fold1", "tag": "epoch/val_auroc"})
+        deadline, tags, points = time.monotonic() + 120, {}, []
         while time.monotonic() < deadline:
             assert tb.running(), tb.log_tail()
             try:
                 tags = _get(f"{url}/data/plugin/scalars/tags")
+                if "epoch/val_auroc" in tags.get("run-a/fold1", {}):
+                    points = _get(f"{url}/data/plugin/scalars/scalars?{q}")
             except (urllib.error.URLError, ConnectionError):
                 tags = {}
-            if "epoch/val_auroc" in tags.get("run-a/fold1", {}):
+            if len(points) >= 2:
                 break
             time.sleep(1)
         assert "run-a/fold1" in _get(f"{url}/data/runs"), tb.log_tail()
         assert {"epoch/val_auroc", "epoch/train_loss", "train/loss_step"} <= set(tags["run-a/fold1"])
-        q = urllib.parse.urlencode({"run": "run-a/fold1", "tag": "epoch/val_auroc"})
-        points = _get(f"{url}/data/plugin/scalars/scalars?{q}")
         assert [p[1] for p in points] == [0, 1]
         assert [p[2] for p in points] == pytest.approx([h["val_auroc"] for h in result.history])
     finally:
